@@ -1,0 +1,5 @@
+"""Analysis and rewrite passes of revify, one pass per module.
+
+Pipeline: record_calls → capture → find_residual_blocks → find_chains →
+check_legality → plan_checkpoint → rewrite_checkpoint.
+"""

@@ -1,0 +1,129 @@
+"""Pass 5: find chains of shape-preserving blocks — the spine of a model.
+
+A chain is a run of sibling module calls inside one parent where each call
+receives, as its hidden input, exactly the tensor the previous call returned
+(object identity, from ``record_calls``), and all other inputs are shared
+(the same mask, the same position embeddings). This works whether the parent
+was captured by fx or left eager, because it reads the recorded dataflow, not
+the parent's source. Each block is then captured on its own and analysed for
+residual structure and legality.
+
+Before (calls recorded inside ``bert.encoder``)::
+
+    layer.0(h0) → h1,  layer.1(h1) → h2,  ...,  layer.11(h11) → h12
+
+After::
+
+    Chain(parent="bert.encoder", blocks=[BlockInfo("bert.encoder.layer.0", ...), ...])
+
+Candidates that are not chains are kept with their reasons (``Rejection``),
+so ``inspect`` can say why a stage was left alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .capture import BlockGraph, capture_block_graph
+from .check_legality import Legality, check_legality
+from .find_residual_blocks import ResidualSpine, residual_spine
+from .record_calls import CallRecord, CallTrace
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    path: str
+    module_type: str
+    call: CallRecord
+    engine: str  # how its graph was captured: fx, export or opaque
+    residual: str  # description of the residual structure found
+    sublayers: int
+    legality: Legality
+
+
+@dataclass(frozen=True)
+class Chain:
+    parent: str
+    blocks: tuple[BlockInfo, ...]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    where: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChainAnalysis:
+    chains: tuple[Chain, ...]
+    rejections: tuple[Rejection, ...]
+
+
+def _linked(prev: CallRecord, cur: CallRecord) -> bool:
+    return (prev.hidden_out_id is not None and cur.hidden_in_id == prev.hidden_out_id
+            and cur.hidden_slot == prev.hidden_slot and cur.side_signature == prev.side_signature)
+
+
+def _runs(children: list[CallRecord]) -> list[list[CallRecord]]:
+    """Maximal runs of same-type sibling calls, each fed by the previous one."""
+    runs: list[list[CallRecord]] = []
+    for rec in children:
+        if runs and runs[-1][-1].module_type == rec.module_type and _linked(runs[-1][-1], rec):
+            runs[-1].append(rec)
+        else:
+            runs.append([rec])
+    return [r for r in runs if len(r) >= 2]
+
+
+def _descendant_buffers(trace: CallTrace, rec: CallRecord) -> list[str]:
+    inside = {rec.index}
+    names = []
+    for c in trace.calls[rec.index:]:
+        if c.index == rec.index or c.parent in inside:
+            inside.add(c.index)
+            names += [f"{c.path}.{b}" if c.path else b for b in c.mutated_buffers]
+    return names
+
+
+def find_chains(model: nn.Module, trace: CallTrace) -> ChainAnalysis:
+    chains: list[Chain] = []
+    rejections: list[Rejection] = []
+    graphs: dict[tuple, tuple[BlockGraph, ResidualSpine | None]] = {}
+    covered: set[int] = set()  # calls inside an accepted block: their chains would nest
+
+    for parent in [None] + trace.calls:
+        pidx = parent.index if parent else None
+        if pidx is not None and (pidx in covered or (parent.parent in covered)):
+            covered.add(pidx)
+            continue
+        for run in _runs(trace.children(pidx)):
+            blocks: list[BlockInfo] = []
+
+            def flush() -> None:
+                if len(blocks) >= 2:
+                    chains.append(Chain(parent.path if parent else "", tuple(blocks)))
+                    covered.update(b.call.index for b in blocks)
+                elif blocks:
+                    rejections.append(Rejection(blocks[0].path, "chain of length 1 after legality checks"))
+                blocks.clear()
+
+            for rec in run:
+                key = (rec.module_type, rec.hidden_in_shape, rec.side_signature)
+                if key not in graphs:
+                    bg = capture_block_graph(model.get_submodule(rec.path), rec)
+                    spine = residual_spine(bg.graph, bg.entry, bg.exit) if bg.graph is not None else None
+                    graphs[key] = (bg, spine)
+                bg, spine = graphs[key]
+                legality = check_legality(rec, trace.call_counts.get(rec.path, 1), bg, spine,
+                                          _descendant_buffers(trace, rec))
+                info = BlockInfo(rec.path, rec.module_type, rec, bg.engine,
+                                 spine.describe() if spine else f"unknown ({bg.reason})",
+                                 len(spine.sublayers) if spine else 0, legality)
+                if legality.ok:
+                    blocks.append(info)
+                else:
+                    rejections.append(Rejection(rec.path, "; ".join(legality.reasons)))
+                    flush()
+            flush()
+    return ChainAnalysis(tuple(chains), tuple(rejections))

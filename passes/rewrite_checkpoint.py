@@ -1,0 +1,74 @@
+"""Pass 7: emit the converted module for a checkpoint plan.
+
+The rewrite never edits the user's module. It builds a *structural copy*
+that shares every parameter and buffer object with the original (so
+``rmodel.parameters()`` are the original tensors and ``state_dict()`` keys
+are unchanged), then installs a ``CheckpointSegment`` on each segment's
+blocks in the copy.
+
+Before::
+
+    model.encoder.layer[0..11]       plain blocks
+
+After::
+
+    rmodel.encoder.layer[0].forward  = SegmentHead   (runs layers 0-3 under checkpoint)
+    rmodel.encoder.layer[1..3].forward = SegmentRelay
+    rmodel.encoder.layer[4].forward  = SegmentHead   ...
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from revify.runtime.checkpoint_segment import CheckpointSegment
+
+from .plan_checkpoint import ChainPlan
+
+
+def share_structure(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
+    """A new module tree whose parameters and buffers are the original objects.
+
+    Each module object is shallow-copied with its own parameter, buffer,
+    child and hook dictionaries, so installing a forward or a hook on the
+    copy leaves the original untouched. Shared submodules stay shared.
+    """
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    new = copy.copy(module)
+    memo[id(module)] = new
+    for key, value in vars(module).items():
+        if isinstance(value, dict):
+            new.__dict__[key] = copy.copy(value)
+    new._modules = {name: (share_structure(child, memo) if child is not None else None)
+                    for name, child in module._modules.items()}
+    return new
+
+
+def rewrite_checkpoint(model: nn.Module, plans: list[ChainPlan]) -> tuple[nn.Module, list[CheckpointSegment]]:
+    rmodel = share_structure(model)
+    segments = []
+    for plan in plans:
+        blocks = plan.chain.blocks
+        for start, end in plan.segments:
+            modules = [rmodel.get_submodule(b.path) for b in blocks[start:end]]
+            buffers = []
+            for b, m in zip(blocks[start:end], modules):
+                for name, _ in m.named_buffers():
+                    owner_path, _, buf_name = name.rpartition(".")
+                    owner = m.get_submodule(owner_path) if owner_path else m
+                    if any(t.endswith(f"{b.path}.{name}") for t in _mutated(b)):
+                        buffers.append((owner, buf_name))
+            seg = CheckpointSegment(modules, blocks[start].call.hidden_slot, buffers)
+            seg.install()
+            segments.append(seg)
+    return rmodel, segments
+
+
+def _mutated(block) -> list[str]:
+    for note in block.legality.notes:
+        if note.startswith("updates buffers"):
+            return [block.path + "." + n.split(block.path + ".", 1)[-1] for n in note[len("updates buffers "):].split(":")[0].split(", ")]
+    return []

@@ -1,0 +1,56 @@
+"""The plan: what revify found and decided, attached to every converted module.
+
+``rmodel.revify_plan`` is a ``Plan``. It is the single place a user looks
+to learn which regions were captured, which chains were converted and how,
+and why everything else was left alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from revify.passes.capture import Region
+from revify.passes.find_chains import Rejection
+from revify.passes.plan_checkpoint import ChainPlan
+
+
+@dataclass
+class Plan:
+    strategy: str
+    chains: list[ChainPlan] = field(default_factory=list)
+    regions: list[Region] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # why nothing was converted, if so
+
+    @property
+    def converted(self) -> bool:
+        return bool(self.chains)
+
+    def summary(self) -> str:
+        lines = [f"revify plan — strategy: {self.strategy}"]
+        for e in self.errors:
+            lines.append(f"  not converted: {e}")
+        captured = [r for r in self.regions if r.engine != "eager"]
+        eager = [r for r in self.regions if r.engine == "eager"]
+        if self.regions:
+            lines.append(f"  capture: {len(captured)} region(s) traced with fx, {len(eager)} left eager")
+            for r in eager[:6]:
+                lines.append(f"    eager {r.path or '<root>'} ({r.module_type}): {r.reason}")
+            if len(eager) > 6:
+                lines.append(f"    ... {len(eager) - 6} more eager region(s)")
+        for i, cp in enumerate(self.chains):
+            blocks = cp.chain.blocks
+            lines.append(f"  chain {i}: {len(blocks)} × {blocks[0].module_type} in "
+                         f"{cp.chain.parent or '<root>'} ({blocks[0].path} … {blocks[-1].path})")
+            lines.append(f"    structure: {blocks[0].residual} [graph: {blocks[0].engine}]")
+            segs = ", ".join(f"{a}-{b - 1}" for a, b in cp.segments)
+            lines.append(f"    checkpoint: {len(cp.segments)} segment(s) [{segs}] (sqrt(n) schedule)")
+            for note in dict.fromkeys(n for b in blocks for n in b.legality.notes):
+                lines.append(f"    note: {note}")
+        for rej in self.rejections:
+            lines.append(f"  rejected {rej.where}: {rej.reason}")
+        if not self.chains and not self.errors:
+            lines.append("  no convertible chain of blocks found; module left unchanged")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()

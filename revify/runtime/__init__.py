@@ -1,0 +1,1 @@
+"""Runtime objects installed into converted modules."""

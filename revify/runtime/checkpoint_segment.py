@@ -1,0 +1,151 @@
+"""Runtime: run a segment of a chain as one non-reentrant checkpoint.
+
+The blocks of a chain are called one by one by their parent, whose code may
+be opaque (an eager transformers loop). To checkpoint several blocks as one
+region without touching the parent, the segment's first block (the *head*)
+runs the whole segment inside ``torch.utils.checkpoint.checkpoint`` and keeps
+the intermediate outputs; each later block (a *relay*) returns its output
+when the parent calls it with exactly the tensor the head produced for it.
+If the parent passes anything else (it changed the hidden state between
+blocks, or called blocks out of order) the relay computes the block itself,
+checkpointed on its own: slower, never wrong.
+
+Why not wrap the blocks in a new module? That renames every parameter
+(``layer.0.x`` → ``layer.0.wrapped.x``) and breaks ``state_dict`` and
+optimizer code. The head and relay are installed as the blocks' ``forward``
+instead, so module names, hooks and parameters are unchanged.
+
+Buffers that blocks update in forward (BatchNorm running stats) are swapped
+for copies during recomputation, so the recompute does not update them a
+second time and the saved originals are never modified in place.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from revify.passes.record_calls import fed_tensor, get_slot, set_slot
+
+
+def original_forward(module: nn.Module) -> Callable:
+    """The forward a module had before revify installed anything."""
+    fwd = module.__dict__.get("forward")
+    if isinstance(fwd, (SegmentHead, SegmentRelay)):
+        raise ValueError("module is already converted")
+    if fwd is not None:
+        return fwd
+    return type(module).forward.__get__(module)
+
+
+class _Pending:
+    """Outputs the head computed ahead of the parent's calls, for one forward."""
+
+    def __init__(self, outputs: list[Any]):
+        self.outputs = outputs
+
+
+class _RunCounter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+
+class CheckpointSegment:
+    """Blocks [b_0 … b_m] of a chain, recomputed together in backward."""
+
+    def __init__(self, blocks: list[nn.Module], hidden_slot: tuple[str, Any],
+                 mutated_buffers: list[tuple[nn.Module, str]]):
+        self.blocks = blocks
+        self.forwards = [original_forward(b) for b in blocks]
+        self.hidden_slot = hidden_slot
+        self.mutated_buffers = mutated_buffers
+        self.pending: _Pending | None = None
+        self.fallback_calls = 0  # relays that had to compute on their own
+
+    def install(self) -> None:
+        self.blocks[0].forward = SegmentHead(self)
+        for k in range(1, len(self.blocks)):
+            self.blocks[k].forward = SegmentRelay(self, k)
+
+    def uninstall(self) -> None:
+        for b in self.blocks:
+            b.__dict__.pop("forward", None)
+
+    @contextmanager
+    def _buffers_swapped(self) -> Iterator[None]:
+        originals = []
+        for module, name in self.mutated_buffers:
+            buf = module._buffers[name]
+            originals.append((module, name, buf))
+            module._buffers[name] = buf.clone()
+        try:
+            yield
+        finally:
+            for module, name, buf in originals:
+                module._buffers[name] = buf
+
+    def _run_all(self, counter: _RunCounter, *args: Any, **kwargs: Any) -> list[Any]:
+        counter.calls += 1
+        recomputing = counter.calls > 1
+        with self._buffers_swapped() if recomputing else _nothing():
+            outputs = [self.forwards[0](*args, **kwargs)]
+            for fwd in self.forwards[1:]:
+                hidden, _ = fed_tensor(outputs[-1])
+                args, kwargs = set_slot(args, kwargs, self.hidden_slot, hidden)
+                outputs.append(fwd(*args, **kwargs))
+        return outputs
+
+    def run_head(self, *args: Any, **kwargs: Any) -> Any:
+        self.pending = None
+        if not torch.is_grad_enabled():  # inference: nothing to save, nothing to recompute
+            return self.forwards[0](*args, **kwargs)
+        counter = _RunCounter()
+        outputs = checkpoint(lambda *a, **k: self._run_all(counter, *a, **k), *args,
+                             use_reentrant=False, preserve_rng_state=True, **kwargs)
+        self.pending = _Pending(outputs)
+        return outputs[0]
+
+    def run_relay(self, k: int, *args: Any, **kwargs: Any) -> Any:
+        pending = self.pending
+        if pending is not None and pending.outputs[k] is not None:
+            expected, _ = fed_tensor(pending.outputs[k - 1])
+            if get_slot(args, kwargs, self.hidden_slot) is expected:
+                out = pending.outputs[k]
+                pending.outputs[k - 1] = None  # release what the parent no longer needs from us
+                if k == len(self.blocks) - 1:
+                    self.pending = None
+                return out
+        self.pending = None
+        if not torch.is_grad_enabled():
+            return self.forwards[k](*args, **kwargs)
+        self.fallback_calls += 1
+        return checkpoint(self.forwards[k], *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+class SegmentHead:
+    """Installed as the first block's ``forward``."""
+
+    def __init__(self, segment: CheckpointSegment):
+        self.segment = segment
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.segment.run_head(*args, **kwargs)
+
+
+class SegmentRelay:
+    """Installed as the ``forward`` of every later block of a segment."""
+
+    def __init__(self, segment: CheckpointSegment, index: int):
+        self.segment = segment
+        self.index = index
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.segment.run_relay(self.index, *args, **kwargs)

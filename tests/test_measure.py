@@ -1,0 +1,148 @@
+"""Tests for revify.measure / revify.report: the figures must be exact measurements."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+
+from revify.measure import (
+    LiveStorageTracker,
+    StepMeasurement,
+    measure_saved_bytes,
+    measure_step,
+)
+from revify.report import MemoryReport, format_bytes, report
+
+
+def _sq_sum(y: torch.Tensor) -> torch.Tensor:
+    return (y**2).sum()
+
+
+def test_saved_bytes_linear_exact() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64, bias=False)
+    x = torch.randn(8, 64, requires_grad=True)
+    nbytes, count = measure_saved_bytes(lin, (x,), _sq_sum)
+    # mm saves x (for dW) and W (for dx; excluded, it is a parameter);
+    # pow saves its base y.  sum saves only sizes.
+    assert nbytes == 8 * 64 * 4 + 8 * 64 * 4
+    assert count == 2
+    assert lin.weight.grad is None  # graph was run and grads reset
+
+
+def test_checkpoint_reduces_saved_bytes() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64, bias=False)
+    x = torch.randn(8, 64, requires_grad=True)
+
+    class Ckpt(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return cp.checkpoint(lambda t: self.lin(t) ** 2, x, use_reentrant=False)
+
+    plain, _ = measure_saved_bytes(lin, (x,), _sq_sum)
+    ck, _ = measure_saved_bytes(Ckpt(), (x,), lambda y: y.sum())
+    assert ck < plain
+    assert ck == 8 * 64 * 4  # only the checkpoint input x
+
+
+def test_tracker_sees_large_temporary_and_backward() -> None:
+    class Big(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tmp = torch.ones(1 << 20) * self.w  # 4 MiB intermediate
+            return tmp.sum() + x.sum()
+
+    m = Big()
+    x = torch.randn(4)
+    meas = measure_step(m, (x,), lambda y: y, repeats=1, warmup=0)
+    assert meas.peak_bytes >= 4 * (1 << 20)
+    assert isinstance(meas, StepMeasurement)
+
+    # backward allocations are seen: grad of a 1M-element input.
+    big = torch.randn(1 << 20, requires_grad=True)
+    tr = LiveStorageTracker()
+    with tr:
+        loss = (big * 2.0).sum()
+        fwd_peak = tr.peak_bytes
+        loss.backward()
+    assert tr.total_allocated_bytes > fwd_peak
+    assert tr.peak_bytes >= 4 * (1 << 20)
+
+
+def test_tracker_frees() -> None:
+    tr = LiveStorageTracker()
+    with tr:
+        a = torch.zeros(1000)
+        b = a.view(10, 100)  # view: no new storage
+        assert tr.live_bytes == 4000
+        del a, b
+        gc.collect()
+        assert tr.live_bytes == 0
+        c = torch.zeros(10)
+    assert tr.peak_bytes == 4000
+    assert tr.live_bytes == 40
+    del c
+
+
+def test_frozen_params_and_kwargs() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4))
+    m[0].weight.requires_grad_(False)
+    m[0].bias.requires_grad_(False)
+
+    class KW(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, *, inp: torch.Tensor) -> torch.Tensor:
+            return self.m(inp)
+
+    x = torch.randn(8, 16)
+    meas = measure_step(KW(), {"inp": x}, lambda y: y.pow(2).mean(), repeats=2)
+    assert meas.saved_bytes > 0 and meas.peak_bytes > 0 and meas.step_time_s > 0
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_report_str_and_json() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32))
+
+    class R(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+            self.revify_plan = "checkpoint everything"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return cp.checkpoint(self.inner, x, use_reentrant=False)
+
+    x = torch.randn(4, 32, requires_grad=True)
+    rep = report(model, R(), (x,), repeats=1)
+    assert isinstance(rep, MemoryReport)
+    s = str(rep)
+    for row in ("saved for backward", "peak live tensors", "step time", "MEASURED"):
+        assert row in s
+    assert "checkpoint everything" in s
+    d = json.loads(rep.to_json())
+    assert set(d["ratios"]) == {"saved", "peak", "time"}
+    assert d["before"]["saved_bytes"] == rep.before.saved_bytes
+    assert rep.after.saved_bytes < rep.before.saved_bytes
+
+
+def test_format_bytes() -> None:
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(2048) == "2.00 KiB"
+    assert format_bytes(3 * 1024**2) == "3.00 MiB"
+    assert format_bytes(5 * 1024**3) == "5.00 GiB"
