@@ -13,7 +13,7 @@ from torch import nn
 from revify.passes.capture import capture_regions
 from revify.passes.find_chains import find_chains
 from revify.passes.plan_checkpoint import plan_checkpoint
-from revify.passes.record_calls import record_calls
+from revify.passes.record_calls import call_model, record_calls
 from revify.passes.rewrite_checkpoint import rewrite_checkpoint, share_structure
 from revify.plan import Plan
 
