@@ -40,6 +40,7 @@ class BlockInfo:
     residual: str  # description of the residual structure found
     sublayers: int
     legality: Legality
+    mutated_buffers: tuple[str, ...] = ()  # qualified names of buffers updated in forward
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,11 @@ def find_chains(model: nn.Module, trace: CallTrace) -> ChainAnalysis:
                     spine = residual_spine(bg.graph, bg.entry, bg.exit) if bg.graph is not None else None
                     graphs[key] = (bg, spine)
                 bg, spine = graphs[key]
-                legality = check_legality(rec, trace.call_counts.get(rec.path, 1), bg, spine,
-                                          _descendant_buffers(trace, rec))
+                buffers = _descendant_buffers(trace, rec)
+                legality = check_legality(rec, trace.call_counts.get(rec.path, 1), bg, spine, buffers)
                 info = BlockInfo(rec.path, rec.module_type, rec, bg.engine,
                                  spine.describe() if spine else f"unknown ({bg.reason})",
-                                 len(spine.sublayers) if spine else 0, legality)
+                                 len(spine.sublayers) if spine else 0, legality, tuple(buffers))
                 if legality.ok:
                     blocks.append(info)
                 else:

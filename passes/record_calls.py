@@ -100,17 +100,20 @@ def fed_tensor(output: Any) -> tuple[torch.Tensor | None, int | None]:
 
 def _side_signature(args: tuple, kwargs: dict, slot) -> tuple:
     items = [(("arg", i), a) for i, a in enumerate(args)] + [(("kw", k), v) for k, v in kwargs.items()]
-    sig = []
-    for key, value in items:
-        if key == slot:
-            continue
-        if isinstance(value, torch.Tensor):
-            sig.append((key, "tensor", id(value)))
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            sig.append((key, "const", value))
-        else:
-            sig.append((key, "object", id(value)))
-    return tuple(sig)
+    return tuple((key, *_describe(value)) for key, value in items if key != slot)
+
+
+def _describe(value: Any) -> tuple[str, Any]:
+    """Kind and identity of a side input; tuples (e.g. rotary cos/sin) are plain data."""
+    if isinstance(value, torch.Tensor):
+        return "tensor", id(value)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return "const", value
+    if isinstance(value, (tuple, list)):
+        parts = tuple(_describe(v) for v in value)
+        kind = "object" if any(k == "object" for k, _ in parts) else "tuple"
+        return kind, parts
+    return "object", id(value)
 
 
 class _RandomOpWatcher(TorchDispatchMode):
@@ -166,7 +169,9 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
             example_kwargs=dict(kwargs) if first_of_type else None,
         )
         keep_alive.append((args, kwargs))
-        buf_versions = {n: b._version for n, b in module.named_buffers(recurse=False)}
+        # kernels such as batch_norm update running stats without bumping the
+        # version counter, so compare values as well
+        buf_versions = {n: (b._version, b.detach().clone()) for n, b in module.named_buffers(recurse=False)}
         in_versions = [(t, t._version) for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
         pending_versions[rec.index] = (buf_versions, in_versions)
         calls.append(rec)
@@ -183,7 +188,8 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
             rec.hidden_out_id = id(out)
         buf_versions, in_versions = pending_versions.pop(rec.index)
         rec.mutated_buffers = [n for n, b in module.named_buffers(recurse=False)
-                               if buf_versions.get(n) != b._version]
+                               if n not in buf_versions or buf_versions[n][0] != b._version
+                               or not torch.equal(buf_versions[n][1], b)]
         rec.mutated_inputs = any(t._version != v for t, v in in_versions)
 
     for module in dict.fromkeys(names):  # each module object once

@@ -55,20 +55,11 @@ def rewrite_checkpoint(model: nn.Module, plans: list[ChainPlan]) -> tuple[nn.Mod
         for start, end in plan.segments:
             modules = [rmodel.get_submodule(b.path) for b in blocks[start:end]]
             buffers = []
-            for b, m in zip(blocks[start:end], modules):
-                for name, _ in m.named_buffers():
-                    owner_path, _, buf_name = name.rpartition(".")
-                    owner = m.get_submodule(owner_path) if owner_path else m
-                    if any(t.endswith(f"{b.path}.{name}") for t in _mutated(b)):
-                        buffers.append((owner, buf_name))
+            for name in (n for b in blocks[start:end] for n in b.mutated_buffers):
+                owner_path, _, buf_name = name.rpartition(".")
+                buffers.append((rmodel.get_submodule(owner_path), buf_name))
             seg = CheckpointSegment(modules, blocks[start].call.hidden_slot, buffers)
             seg.install()
             segments.append(seg)
     return rmodel, segments
 
-
-def _mutated(block) -> list[str]:
-    for note in block.legality.notes:
-        if note.startswith("updates buffers"):
-            return [block.path + "." + n.split(block.path + ".", 1)[-1] for n in note[len("updates buffers "):].split(":")[0].split(", ")]
-    return []

@@ -1,0 +1,213 @@
+"""The test zoo: small models of every family revify must handle.
+
+Each builder returns a ``ZooCase`` with a model in train mode (dropout on
+where the architecture has it), example inputs and a loss function.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ZooCase:
+    name: str
+    model: nn.Module
+    example_inputs: Any
+    loss_fn: Callable[[Any], torch.Tensor]
+    n_blocks: int
+
+
+def _logits_loss(out) -> torch.Tensor:
+    logits = out.logits if hasattr(out, "logits") else out
+    return logits.float().pow(2).mean()
+
+
+class ResidualMLPBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class MLPResNet(nn.Module):
+    def __init__(self, dim=32, n_blocks=6):
+        super().__init__()
+        self.inp = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList(ResidualMLPBlock(dim) for _ in range(n_blocks))
+        self.out = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.out(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + identity)
+
+
+class CNNResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 16), BasicBlock(16, 16))
+        self.layer2 = nn.Sequential(BasicBlock(16, 32, 2), BasicBlock(32, 32), BasicBlock(32, 32))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, p):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads)
+        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        att = self.drop(att.masked_fill(~causal, float("-inf")).softmax(-1))
+        return self.proj((att @ v).transpose(1, 2).reshape(b, s, d))
+
+
+class PreLNBlock(nn.Module):
+    def __init__(self, dim, heads, p):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, p)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class PreLNTransformer(nn.Module):
+    def __init__(self, vocab=50, dim=32, heads=4, n_blocks=4, seq=16, p=0.1):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq, dim)
+        self.blocks = nn.ModuleList(PreLNBlock(dim, heads, p) for _ in range(n_blocks))
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.ln_f(x))
+
+
+def mlp_resnet() -> ZooCase:
+    torch.manual_seed(0)
+    return ZooCase("mlp_resnet", MLPResNet().train(), (torch.randn(8, 32),), _logits_loss, 6)
+
+
+def cnn_resnet() -> ZooCase:
+    torch.manual_seed(0)
+    return ZooCase("cnn_resnet", CNNResNet().train(), (torch.randn(4, 3, 16, 16),), _logits_loss, 4)
+
+
+def pre_ln_transformer() -> ZooCase:
+    torch.manual_seed(0)
+    return ZooCase("pre_ln_transformer", PreLNTransformer().train(), (torch.randint(0, 50, (2, 16)),),
+                   _logits_loss, 4)
+
+
+_SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=100)
+
+
+def _text(model) -> dict:
+    torch.manual_seed(1)
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # padding in one row: the mask is a real input
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def bert() -> ZooCase:
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    m = BertForSequenceClassification(BertConfig(**_SMALL)).train()
+    return ZooCase("bert", m, _text(m), _logits_loss, 3)
+
+
+def roberta() -> ZooCase:
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+    torch.manual_seed(0)
+    m = RobertaForSequenceClassification(RobertaConfig(**_SMALL, max_position_embeddings=64, pad_token_id=1)).train()
+    return ZooCase("roberta", m, _text(m), _logits_loss, 3)
+
+
+def gpt2() -> ZooCase:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=100, n_positions=64, use_cache=False)
+    m = GPT2LMHeadModel(cfg).train()
+    return ZooCase("gpt2", m, _text(m), _logits_loss, 3)
+
+
+def opt() -> ZooCase:
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    cfg = OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=64, vocab_size=100,
+                    max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.1, use_cache=False)
+    m = OPTForCausalLM(cfg).train()
+    return ZooCase("opt", m, _text(m), _logits_loss, 3)
+
+
+def llama() -> ZooCase:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**_SMALL, num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
+                      attention_dropout=0.1)
+    m = LlamaForCausalLM(cfg).train()
+    return ZooCase("llama", m, _text(m), _logits_loss, 3)
+
+
+def vit() -> ZooCase:
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                    image_size=32, patch_size=8, num_labels=5)
+    m = ViTForImageClassification(cfg).train()
+    torch.manual_seed(1)
+    return ZooCase("vit", m, {"pixel_values": torch.randn(2, 3, 32, 32)}, _logits_loss, 3)
+
+
+ALL_CASES: dict[str, Callable[[], ZooCase]] = {
+    f.__name__: f for f in (mlp_resnet, cnn_resnet, pre_ln_transformer, bert, roberta, gpt2, opt, llama, vit)
+}
+HF_CASES = ["bert", "roberta", "gpt2", "opt", "llama", "vit"]
