@@ -76,8 +76,11 @@ def _first_tensor_slot(args: tuple, kwargs: dict) -> tuple[str, Any] | None:
 
 
 def get_slot(args: tuple, kwargs: dict, slot: tuple[str, Any]) -> Any:
+    """The value in ``slot``, or None when this call does not fill it."""
     kind, key = slot
-    return args[key] if kind == "arg" else kwargs[key]
+    if kind == "arg":
+        return args[key] if key < len(args) else None
+    return kwargs.get(key)
 
 
 def set_slot(args: tuple, kwargs: dict, slot: tuple[str, Any], value: Any) -> tuple[tuple, dict]:

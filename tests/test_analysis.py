@@ -192,3 +192,22 @@ def test_relay_falls_back_when_parent_changes_the_hidden_state():
     out_b = rmodel(x)
     (gb,) = torch.autograd.grad(out_b.sum(), x)
     assert torch.equal(out_a, out_b) and torch.equal(ga, gb)
+
+
+def test_blocks_called_with_a_different_signature_still_compute_exactly():
+    class Switching(Stack):
+        by_keyword = False
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x=x) if self.by_keyword else b(x)
+            return x
+
+    model = Switching(Plain)
+    rmodel = revify.revify(model, (torch.randn(2, 8),))
+    assert len(rmodel.revify_plan.chains) == 1
+    model.by_keyword = rmodel.by_keyword = True
+    x = torch.randn(2, 8, requires_grad=True)
+    (ga,) = torch.autograd.grad(model(x).sum(), x)
+    (gb,) = torch.autograd.grad(rmodel(x).sum(), x)
+    assert torch.equal(model(x), rmodel(x)) and torch.equal(ga, gb)

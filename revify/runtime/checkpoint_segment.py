@@ -102,6 +102,10 @@ class CheckpointSegment:
         self.pending = None
         if not torch.is_grad_enabled():  # inference: nothing to save, nothing to recompute
             return self.forwards[0](*args, **kwargs)
+        if not isinstance(get_slot(args, kwargs, self.hidden_slot), torch.Tensor):
+            # called differently from the recorded call: this block alone, checkpointed
+            self.fallback_calls += 1
+            return checkpoint(self.forwards[0], *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
         counter = _RunCounter()
         outputs = checkpoint(lambda *a, **k: self._run_all(counter, *a, **k), *args,
                              use_reentrant=False, preserve_rng_state=True, **kwargs)
