@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .find_residual_blocks import find_residual_sublayers
 from .record_calls import CallRecord, CallTrace, get_slot, set_slot
 
 
@@ -41,6 +42,7 @@ class Region:
     module_type: str
     engine: str  # "fx", "export" or "eager"
     reason: str = ""
+    residual_adds: int = 0  # residual sub-layers found in the captured graph (node level)
 
 
 @dataclass
@@ -90,8 +92,8 @@ def capture_regions(model: nn.Module, trace: CallTrace) -> list[Region]:
         if rec is None:
             return  # never called on the example inputs
         try:
-            fx.symbolic_trace(module, concrete_args=_concrete_args(module, rec))
-            regions.append(Region(path, type(module).__name__, "fx"))
+            gm = fx.symbolic_trace(module, concrete_args=_concrete_args(module, rec))
+            regions.append(Region(path, type(module).__name__, "fx", residual_adds=_count_residuals(gm.graph)))
             return
         except Exception as exc:  # fx raises many exception types on untraceable code
             regions.append(Region(path, type(module).__name__, "eager", _one_line(exc)))
@@ -100,6 +102,11 @@ def capture_regions(model: nn.Module, trace: CallTrace) -> list[Region]:
 
     visit("", model)
     return regions
+
+
+def _count_residuals(graph: fx.Graph) -> int:
+    entry = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    return len(find_residual_sublayers(graph, entry)) if entry is not None else 0
 
 
 def _hidden_param_name(module: nn.Module, rec: CallRecord) -> str | None:

@@ -37,6 +37,10 @@ class Plan:
                 lines.append(f"    eager {r.path or '<root>'} ({r.module_type}): {r.reason}")
             if len(eager) > 6:
                 lines.append(f"    ... {len(eager) - 6} more eager region(s)")
+            for r in captured:
+                if r.residual_adds:
+                    lines.append(f"    fx {r.path or '<root>'} ({r.module_type}): "
+                                 f"{r.residual_adds} residual sub-layer(s) x + f(x) in its graph")
         for i, cp in enumerate(self.chains):
             blocks = cp.chain.blocks
             lines.append(f"  chain {i}: {len(blocks)} × {blocks[0].module_type} in "

@@ -127,6 +127,10 @@ def test_chain_found_and_segmented():
     assert len(plan.chains) == 1
     assert plan.chains[0].segments == ((0, 3), (3, 6), (6, 9))
     assert "9 × Plain" in text
+    # the whole stack traces with fx: its graph shows the nine residual adds at node level
+    (root,) = [r for r in plan.regions if r.path == ""]
+    assert root.engine == "fx" and root.residual_adds == 9
+    assert "9 residual sub-layer(s)" in text
 
 
 def test_rejections_have_reasons():
