@@ -59,3 +59,54 @@ def test_original_module_is_untouched():
     assert rmodel is not case.model
     assert all("forward" not in m.__dict__ for m in case.model.modules())
     assert all(torch.equal(before[k], v) for k, v in case.model.state_dict().items())
+
+
+def _grads(model):
+    g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for p in model.parameters():
+        p.grad = None
+    return g
+
+
+def _same(fn, a, b):
+    out_a = fn(a)
+    grads_a = _grads(a)
+    out_b = fn(b)
+    grads_b = _grads(b)
+    assert torch.equal(out_a, out_b)
+    assert grads_a.keys() == grads_b.keys()
+    assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+
+
+def test_training_patterns_users_have():
+    case = ALL_CASES["bert"]()
+    model, inputs = case.model, case.example_inputs
+    rmodel = revify.revify(model, inputs)
+
+    def all_hidden_states(m):  # the parent also keeps every layer's output
+        torch.manual_seed(3)
+        out = m(**inputs, output_hidden_states=True)
+        (sum(h.pow(2).mean() for h in out.hidden_states) + out.logits.pow(2).mean()).backward()
+        return out.logits.detach()
+
+    def two_forwards_one_backward(m):
+        torch.manual_seed(4)
+        first, second = m(**inputs).logits, m(**inputs).logits
+        (first.pow(2).sum() + second.sum()).backward()
+        return second.detach()
+
+    def frozen_embeddings(m):
+        for p in model.bert.embeddings.parameters():  # shared with rmodel
+            p.requires_grad_(False)
+        torch.manual_seed(5)
+        out = m(**inputs).logits
+        out.pow(2).sum().backward()
+        for p in model.bert.embeddings.parameters():
+            p.requires_grad_(True)
+        return out.detach()
+
+    for fn in (all_hidden_states, two_forwards_one_backward, frozen_embeddings):
+        _same(fn, model, rmodel)
+    clone = copy.deepcopy(rmodel)  # a deep copy is an independent converted module
+    assert not any(p is q for p, q in zip(clone.parameters(), model.parameters()))
+    _same(two_forwards_one_backward, copy.deepcopy(model), clone)

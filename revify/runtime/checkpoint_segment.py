@@ -65,6 +65,10 @@ class CheckpointSegment:
         self.pending: _Pending | None = None
         self.fallback_calls = 0  # relays that had to compute on their own
 
+    def __getstate__(self) -> dict:
+        # outputs held between a head and its relays belong to one forward pass
+        return {**self.__dict__, "pending": None}
+
     def install(self) -> None:
         self.blocks[0].forward = SegmentHead(self)
         for k in range(1, len(self.blocks)):
@@ -109,7 +113,8 @@ class CheckpointSegment:
         counter = _RunCounter()
         outputs = checkpoint(lambda *a, **k: self._run_all(counter, *a, **k), *args,
                              use_reentrant=False, preserve_rng_state=True, **kwargs)
-        self.pending = _Pending(outputs)
+        if len(outputs) > 1:
+            self.pending = _Pending(outputs)
         return outputs[0]
 
     def run_relay(self, k: int, *args: Any, **kwargs: Any) -> Any:
