@@ -15,6 +15,10 @@ Why not wrap the blocks in a new module? That renames every parameter
 optimizer code. The head and relay are installed as the blocks' ``forward``
 instead, so module names, hooks and parameters are unchanged.
 
+If the parent stops before calling every relay (an early exit), the head's
+extra outputs are held until the next forward; ``copy.deepcopy`` and pickling
+drop them.
+
 Buffers that blocks update in forward (BatchNorm running stats) are swapped
 for copies during recomputation, so the recompute does not update them a
 second time and the saved originals are never modified in place.
