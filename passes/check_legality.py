@@ -62,7 +62,7 @@ def check_legality(rec: CallRecord, call_count: int, graph: BlockGraph | None,
     if mutated_buffers:
         shown = ", ".join(mutated_buffers[:3]) + (", ..." if len(mutated_buffers) > 3 else "")
         notes.append(f"updates buffers {shown} in forward: "
-                     "recompute runs on a copy so they are updated once")
+                     "recompute runs on a copy of their pre-forward values, so they are updated once")
     if rec.random_ops & {"bernoulli_", "bernoulli", "native_dropout", "dropout", "rand", "randn", "rand_like"}:
         notes.append("random ops (dropout): recompute replays the recorded RNG state")
     if graph is not None and graph.engine == "opaque":

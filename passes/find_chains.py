@@ -63,6 +63,7 @@ class ChainAnalysis:
 
 def _linked(prev: CallRecord, cur: CallRecord) -> bool:
     return (prev.hidden_out_id is not None and cur.hidden_in_id == prev.hidden_out_id
+            and cur.hidden_in_version == prev.hidden_out_version
             and cur.hidden_slot == prev.hidden_slot and cur.side_signature == prev.side_signature)
 
 

@@ -41,10 +41,12 @@ class CallRecord:
     hidden_in_shape: tuple[int, ...] | None
     hidden_in_dtype: str | None
     hidden_in_id: int | None
+    hidden_in_version: int | None
     feed_index: int | None  # None: output is the tensor; 0: output[0] is the tensor
     hidden_out_shape: tuple[int, ...] | None
     hidden_out_dtype: str | None
     hidden_out_id: int | None
+    hidden_out_version: int | None = None  # to see a parent that mutates the output in place
     side_signature: tuple = ()  # identity of the other inputs, to check that siblings share them
     random_ops: set[str] = field(default_factory=set)
     mutated_buffers: list[str] = field(default_factory=list)
@@ -101,7 +103,8 @@ def fed_tensor(output: Any) -> tuple[torch.Tensor | None, int | None]:
     return None, None
 
 
-def _side_signature(args: tuple, kwargs: dict, slot) -> tuple:
+def side_signature(args: tuple, kwargs: dict, slot) -> tuple:
+    """Identity of every input but the hidden one: tensors by object, constants by value."""
     items = [(("arg", i), a) for i, a in enumerate(args)] + [(("kw", k), v) for k, v in kwargs.items()]
     return tuple((key, *_describe(value)) for key, value in items if key != slot)
 
@@ -166,8 +169,9 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
             hidden_in_shape=tuple(hidden.shape) if hidden is not None else None,
             hidden_in_dtype=str(hidden.dtype) if hidden is not None else None,
             hidden_in_id=id(hidden) if hidden is not None else None,
+            hidden_in_version=hidden._version if hidden is not None else None,
             feed_index=None, hidden_out_shape=None, hidden_out_dtype=None, hidden_out_id=None,
-            side_signature=_side_signature(args, kwargs, slot),
+            side_signature=side_signature(args, kwargs, slot),
             example_args=args if first_of_type else None,
             example_kwargs=dict(kwargs) if first_of_type else None,
         )
@@ -189,6 +193,7 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
             rec.hidden_out_shape = tuple(out.shape)
             rec.hidden_out_dtype = str(out.dtype)
             rec.hidden_out_id = id(out)
+            rec.hidden_out_version = out._version
         buf_versions, in_versions = pending_versions.pop(rec.index)
         rec.mutated_buffers = [n for n, b in module.named_buffers(recurse=False)
                                if n not in buf_versions or buf_versions[n][0] != b._version
@@ -196,7 +201,8 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
         rec.mutated_inputs = any(t._version != v for t, v in in_versions)
 
     for module in dict.fromkeys(names):  # each module object once
-        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        # prepend: hooks already on the module (spectral_norm) may update buffers
+        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
         handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
 
     saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers()}

@@ -37,11 +37,11 @@ def share_structure(module: nn.Module, memo: dict[int, nn.Module] | None = None)
     memo = {} if memo is None else memo
     if id(module) in memo:
         return memo[id(module)]
-    new = copy.copy(module)
+    # not copy.copy: parametrized modules forbid it (their __getstate__ raises)
+    new = type(module).__new__(type(module))
     memo[id(module)] = new
     for key, value in vars(module).items():
-        if isinstance(value, dict):
-            new.__dict__[key] = copy.copy(value)
+        new.__dict__[key] = copy.copy(value) if isinstance(value, dict) else value
     new._modules = {name: (share_structure(child, memo) if child is not None else None)
                     for name, child in module._modules.items()}
     return new

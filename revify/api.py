@@ -59,6 +59,13 @@ def revify(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", 
     plan = analyse(model, example_inputs, strategy)
     if strict and not plan.converted:
         raise RevifyError(plan.summary())
-    rmodel, _ = rewrite_checkpoint(model, plan.chains)
+    try:
+        rmodel, _ = rewrite_checkpoint(model, plan.chains)
+    except Exception as exc:  # a module revify cannot rewrite must not stop the user's training
+        plan.errors.append(f"rewrite failed: {type(exc).__name__}: {exc}")
+        plan.chains = []
+        if strict:
+            raise RevifyError(plan.summary()) from exc
+        rmodel = share_structure(model)
     rmodel.revify_plan = plan
     return rmodel

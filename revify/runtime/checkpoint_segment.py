@@ -32,7 +32,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from revify.passes.record_calls import fed_tensor, get_slot, set_slot
+import functools
+
+from revify.passes.record_calls import fed_tensor, get_slot, set_slot, side_signature
 
 
 def original_forward(module: nn.Module) -> Callable:
@@ -42,19 +44,46 @@ def original_forward(module: nn.Module) -> Callable:
         raise ValueError("module is already converted")
     if fwd is not None:
         return fwd
-    return type(module).forward.__get__(module)
+    # a partial of the class function, not a bound method: pickling a bound
+    # method re-reads module.forward, which would then be the installed relay
+    return functools.partial(type(module).forward, module)
 
 
 class _Pending:
-    """Outputs the head computed ahead of the parent's calls, for one forward."""
+    """Outputs the head computed ahead of the parent's calls, for one forward.
 
-    def __init__(self, outputs: list[Any]):
+    ``versions`` and ``side`` let a relay check that the parent passes exactly
+    what the head assumed: the same tensor, not modified in place since, with
+    the same other arguments.
+    """
+
+    def __init__(self, outputs: list[Any], side: tuple, rng_before: list):
         self.outputs = outputs
+        self.rng_before = rng_before  # RNG state before each block, for a relay that computes itself
+        self.versions = [fed._version if fed is not None else None
+                         for fed in (fed_tensor(o)[0] for o in outputs)]
+        self.side = side
 
 
-class _RunCounter:
+class _RunState:
+    """Per-forward state of one head call: run count and buffers before the forward."""
+
     def __init__(self) -> None:
         self.calls = 0
+        self.buffers_before: list[torch.Tensor] = []
+        self.rng_before: list = []
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 class CheckpointSegment:
@@ -83,25 +112,34 @@ class CheckpointSegment:
             b.__dict__.pop("forward", None)
 
     @contextmanager
-    def _buffers_swapped(self) -> Iterator[None]:
+    def _buffers_swapped(self, before: list[torch.Tensor]) -> Iterator[None]:
+        """Recompute on copies of the buffers as they were before the forward.
+
+        Copies, so the live buffers are not updated a second time; values from
+        before the forward, so blocks that read what they update
+        (spectral norm's power iteration) recompute exactly what they computed.
+        """
         originals = []
-        for module, name in self.mutated_buffers:
-            buf = module._buffers[name]
-            originals.append((module, name, buf))
-            module._buffers[name] = buf.clone()
+        for (module, name), value in zip(self.mutated_buffers, before):
+            originals.append((module, name, module._buffers[name]))
+            module._buffers[name] = value.clone()
         try:
             yield
         finally:
             for module, name, buf in originals:
                 module._buffers[name] = buf
 
-    def _run_all(self, counter: _RunCounter, *args: Any, **kwargs: Any) -> list[Any]:
-        counter.calls += 1
-        recomputing = counter.calls > 1
-        with self._buffers_swapped() if recomputing else _nothing():
+    def _run_all(self, state: _RunState, *args: Any, **kwargs: Any) -> list[Any]:
+        state.calls += 1
+        if state.calls == 1:
+            state.buffers_before = [m._buffers[n].detach().clone() for m, n in self.mutated_buffers]
+        first_run = state.calls == 1
+        with self._buffers_swapped(state.buffers_before) if not first_run else _nothing():
             outputs = [self.forwards[0](*args, **kwargs)]
             for fwd in self.forwards[1:]:
                 hidden, _ = fed_tensor(outputs[-1])
+                if first_run:
+                    state.rng_before.append(_rng_state(hidden.device))
                 args, kwargs = set_slot(args, kwargs, self.hidden_slot, hidden)
                 outputs.append(fwd(*args, **kwargs))
         return outputs
@@ -114,24 +152,33 @@ class CheckpointSegment:
             # called differently from the recorded call: this block alone, checkpointed
             self.fallback_calls += 1
             return checkpoint(self.forwards[0], *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
-        counter = _RunCounter()
-        outputs = checkpoint(lambda *a, **k: self._run_all(counter, *a, **k), *args,
+        state = _RunState()
+        outputs = checkpoint(functools.partial(self._run_all, state), *args,
                              use_reentrant=False, preserve_rng_state=True, **kwargs)
         if len(outputs) > 1:
-            self.pending = _Pending(outputs)
+            self.pending = _Pending(outputs, side_signature(args, kwargs, self.hidden_slot),
+                                    [None] + state.rng_before)
         return outputs[0]
 
     def run_relay(self, k: int, *args: Any, **kwargs: Any) -> Any:
         pending = self.pending
         if pending is not None and pending.outputs[k] is not None:
             expected, _ = fed_tensor(pending.outputs[k - 1])
-            if get_slot(args, kwargs, self.hidden_slot) is expected:
+            if (get_slot(args, kwargs, self.hidden_slot) is expected
+                    and expected._version == pending.versions[k - 1]
+                    and side_signature(args, kwargs, self.hidden_slot) == pending.side):
                 out = pending.outputs[k]
                 pending.outputs[k - 1] = None  # release what the parent no longer needs from us
                 if k == len(self.blocks) - 1:
                     self.pending = None
                 return out
         self.pending = None
+        if pending is not None:
+            # the head ran ahead and drew this block's random numbers: rewind, so
+            # dropout masks are the ones the original model would draw here
+            hidden = get_slot(args, kwargs, self.hidden_slot)
+            if isinstance(hidden, torch.Tensor):
+                _set_rng_state(pending.rng_before[k], hidden.device)
         if not torch.is_grad_enabled():
             return self.forwards[k](*args, **kwargs)
         self.fallback_calls += 1
