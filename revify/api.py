@@ -1,71 +1,136 @@
-"""Public entry points: ``revify`` and ``inspect``.
+"""Public entry points: ``revify``, ``inspect`` and ``stored_activations``.
 
 The pipeline, in order: record_calls → capture → find_chains (residual
-analysis and legality inside) → plan_checkpoint → rewrite_checkpoint.
+analysis and legality inside) → plan_checkpoint or plan_reversible →
+rewrite_checkpoint or rewrite_reversible → calibrate_reversible.
 """
 from __future__ import annotations
 
-import math
+import os
 from typing import Any
 
 from torch import nn
 
+from revify.passes.calibrate_reversible import calibrate_reversible
 from revify.passes.capture import capture_regions
 from revify.passes.find_chains import find_chains
 from revify.passes.plan_checkpoint import plan_checkpoint
-from revify.passes.record_calls import call_model, record_calls
+from revify.passes.plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
+from revify.passes.record_calls import CallRecord, CallTrace, call_model, record_calls
 from revify.passes.rewrite_checkpoint import rewrite_checkpoint, share_structure
+from revify.passes.rewrite_reversible import SplitError, rewrite_reversible
 from revify.plan import Plan
+from revify.runtime.reversible_chain import stored_activations  # noqa: F401  (public)
 
-STRATEGIES = ("checkpoint",)
+STRATEGIES = ("checkpoint", "reversible")
 
 
 class RevifyError(RuntimeError):
     """Conversion failed and ``strict=True`` was asked for."""
 
 
-def analyse(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint") -> Plan:
-    """Run capture and the analyses; return the plan without converting."""
+def _analyse(model: nn.Module, example_inputs: Any, strategy: str,
+             options: ReversibleOptions | None) -> tuple[Plan, CallTrace | None]:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     plan = Plan(strategy=strategy)
     trace = record_calls(model, example_inputs)
     if trace.error is not None:
         plan.errors.append(f"the model's forward raised on the example inputs: {trace.error}")
-        return plan
+        return plan, None
     plan.regions = capture_regions(model, trace)
     analysis = find_chains(model, trace)
     plan.rejections = list(analysis.rejections)
-    plan.chains = [plan_checkpoint(c) for c in analysis.chains]
-    return plan
+    if strategy == "checkpoint":
+        plan.chains = [plan_checkpoint(c) for c in analysis.chains]
+    else:
+        for chain in analysis.chains:
+            decided = plan_reversible(chain, options or ReversibleOptions())
+            if isinstance(decided, ReversiblePlan):
+                plan.reversible.append(decided)
+            else:
+                plan.rejections.append(decided)
+    return plan, trace
 
 
-def inspect(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", *, file=None) -> Plan:
+def analyse(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint",
+            **reversible_options: Any) -> Plan:
+    """Run capture and the analyses; return the plan without converting."""
+    options = ReversibleOptions(**reversible_options)
+    options.validate()
+    return _analyse(model, example_inputs, strategy, options)[0]
+
+
+def inspect(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", *, file=None,
+            **reversible_options: Any) -> Plan:
     """Print the blocks and chains revify finds, and what it would do with each."""
-    plan = analyse(model, example_inputs, strategy)
+    plan = analyse(model, example_inputs, strategy, **reversible_options)
     print(plan.summary(), file=file)
     return plan
 
 
+def _split_halves(block: nn.Module, call: CallRecord) -> Any:
+    from revify.passes import split_sublayers
+    try:
+        return split_sublayers.split_block(block, tuple(call.example_args), dict(call.example_kwargs or {}),
+                                           call.hidden_slot)
+    except split_sublayers.SplitError as exc:
+        raise SplitError(str(exc)) from exc
+
+
 def revify(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", *,
-           strict: bool = False) -> nn.Module:
+           strict: bool = False, coupling: str = "meft1", lam: float | None = None, beta: float | None = None,
+           adapter_rank: int = 8, adapter_init: str = "zero", freeze_backbone: bool = True,
+           tolerance: float = 1e-4, stream_dtype: str | None = None,
+           check_reconstruction: bool | None = None) -> nn.Module:
     """Return a module that trains with less activation memory.
 
-    The result shares parameters and buffers with ``model`` and has the same
-    call signature and outputs. ``model`` itself is not modified. If nothing
-    can be converted, the result behaves exactly like ``model`` and
-    ``result.revify_plan`` says why; with ``strict=True`` that raises instead.
+    ``strategy="checkpoint"``: the same function, gradients bit-identical,
+    blocks recomputed in backward. The result shares parameters and buffers
+    with ``model`` and ``model`` itself is not modified.
+
+    ``strategy="reversible"``: chains of blocks become two-stream reversible
+    couplings (``coupling`` = meft1, meft2, meft3 or revnet) whose
+    activations are reconstructed from outputs in backward. This changes the
+    architecture: adapters are added, the output matches the original only
+    approximately (the plan reports the measured error and its bound), and
+    with ``freeze_backbone`` every pretrained parameter except the task head
+    gets ``requires_grad=False`` — on the parameters shared with ``model``.
+    Anchors are placed so the reconstruction error measured on
+    ``example_inputs`` stays within ``tolerance`` (relative).
+    ``check_reconstruction`` (or ``REVIFY_CHECK_RECONSTRUCTION=1``) compares
+    every reconstruction against stored activations while training and raises
+    ``ReconstructionError`` naming the block; it stores everything, so use it
+    to debug only.
+
+    If nothing can be converted, the result behaves exactly like ``model``
+    and ``result.revify_plan`` says why; with ``strict=True`` that raises.
     """
-    plan = analyse(model, example_inputs, strategy)
+    if check_reconstruction is None:
+        check_reconstruction = os.environ.get("REVIFY_CHECK_RECONSTRUCTION", "") not in ("", "0")
+    options = ReversibleOptions(coupling, lam, beta, adapter_rank, adapter_init, freeze_backbone,
+                                tolerance, stream_dtype, check_reconstruction)
+    options.validate()
+    plan, trace = _analyse(model, example_inputs, strategy, options)
     if strict and not plan.converted:
         raise RevifyError(plan.summary())
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        rmodel, _ = rewrite_checkpoint(model, plan.chains)
+        if strategy == "checkpoint":
+            rmodel, _ = rewrite_checkpoint(model, plan.chains)
+        else:
+            rmodel, chains, dropped = rewrite_reversible(model, plan.reversible, trace, _split_halves)
+            plan.rejections += dropped
+            calibrate_reversible(model, rmodel, chains, plan.reversible, example_inputs)
     except Exception as exc:  # a module revify cannot rewrite must not stop the user's training
         plan.errors.append(f"rewrite failed: {type(exc).__name__}: {exc}")
-        plan.chains = []
+        plan.chains, plan.reversible = [], []
+        for p, flag in requires_grad:  # undo freeze_backbone on the shared parameters
+            p.requires_grad_(flag)
         if strict:
             raise RevifyError(plan.summary()) from exc
         rmodel = share_structure(model)
+    if strict and not plan.converted:
+        raise RevifyError(plan.summary())
     rmodel.revify_plan = plan
     return rmodel

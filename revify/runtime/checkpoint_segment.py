@@ -40,7 +40,7 @@ from revify.passes.record_calls import fed_tensor, get_slot, set_slot, side_sign
 def original_forward(module: nn.Module) -> Callable:
     """The forward a module had before revify installed anything."""
     fwd = module.__dict__.get("forward")
-    if isinstance(fwd, (SegmentHead, SegmentRelay)):
+    if getattr(fwd, "revify_installed", False):
         raise ValueError("module is already converted")
     if fwd is not None:
         return fwd
@@ -193,6 +193,8 @@ def _nothing() -> Iterator[None]:
 class SegmentHead:
     """Installed as the first block's ``forward``."""
 
+    revify_installed = True
+
     def __init__(self, segment: CheckpointSegment):
         self.segment = segment
 
@@ -202,6 +204,8 @@ class SegmentHead:
 
 class SegmentRelay:
     """Installed as the ``forward`` of every later block of a segment."""
+
+    revify_installed = True
 
     def __init__(self, segment: CheckpointSegment, index: int):
         self.segment = segment

@@ -1,0 +1,123 @@
+"""Pass 6b: decide how each chain becomes reversible couplings (MEFT / RevNet).
+
+Per chain: the coupling (which stream each block's pretrained function goes
+to, the scalings λ and β, whether streams switch), which blocks each
+coupling step covers, and where adapters go. The anchors and measured
+errors are filled in later by ``calibrate_reversible``, which needs the
+converted module.
+
+Before::
+
+    Chain(blocks=[layer.0 … layer.11])
+
+After (``coupling="meft1"``)::
+
+    ReversiblePlan(coupling=Coupling("meft1", λ=0.1, β=1, switch=True, output="s2"),
+                   steps=((0,), (1,), …, (11,)), adapter_rank=8, adapter_init="zero")
+
+Couplings (``y1 = λ·x1 + F(x2)``, ``y2 = β·x2 + G(y1)``):
+
+* ``meft1``: F = block + adapter, G = adapter; streams switched. The
+  function rides on ``y1``.
+* ``meft2``: F = adapter, G = block + adapter; switched. The function rides on ``y2``.
+* ``meft3``: F = the block's first residual sub-layer (attention) + adapter,
+  G = its second (MLP) + adapter; not switched. Needs two residual sub-layers.
+* ``revnet``: λ = β = 1, F and G are the residual functions ``block(x) − x``
+  of two consecutive blocks, no adapters. For training from scratch: it does
+  not preserve the pretrained function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from revify.runtime.adapter import ADAPTER_INITS
+from revify.runtime.reversible_chain import Coupling
+
+from .find_chains import Chain, Rejection
+
+# scalings as in the MEFT reference code; output: the stream that carries the
+# pretrained function after a step, named after the switch (s1, s2)
+COUPLINGS: dict[str, Coupling] = {
+    "meft1": Coupling("meft1", lam=0.1, beta=1.0, switch=True, output="s2"),
+    "meft2": Coupling("meft2", lam=1.0, beta=0.1, switch=True, output="s1"),
+    "meft3": Coupling("meft3", lam=0.1, beta=0.1, switch=False, output="s2"),
+    "revnet": Coupling("revnet", lam=1.0, beta=1.0, switch=False, output="mean"),
+}
+
+
+@dataclass(frozen=True)
+class ReversibleOptions:
+    coupling: str = "meft1"
+    lam: float | None = None  # None: the coupling's default
+    beta: float | None = None
+    adapter_rank: int = 8
+    adapter_init: str = "zero"
+    freeze_backbone: bool = True
+    tolerance: float = 1e-4  # relative reconstruction error allowed, measured at conversion
+    stream_dtype: str | None = None  # None: one step wider than the blocks compute in
+    check_reconstruction: bool = False
+
+    def validate(self) -> None:
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"unknown coupling {self.coupling!r}; choose one of {', '.join(COUPLINGS)}")
+        for name in ("lam", "beta"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be positive (the inverse divides by it), got {v}")
+        if self.adapter_rank < 1:
+            raise ValueError(f"adapter_rank must be at least 1, got {self.adapter_rank}")
+        if self.adapter_init not in ADAPTER_INITS:
+            raise ValueError(f"unknown adapter_init {self.adapter_init!r}; choose one of {', '.join(ADAPTER_INITS)}")
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be positive, got {self.tolerance}")
+        if self.stream_dtype not in (None, "float64", "float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown stream_dtype {self.stream_dtype!r}")
+
+
+@dataclass
+class ReversiblePlan:
+    chain: Chain
+    coupling: Coupling
+    steps: tuple[tuple[int, ...], ...]
+    options: ReversibleOptions
+    # filled by calibrate_reversible, measured on the example inputs
+    anchors: tuple[int, ...] = ()
+    step_errors: list[float] = field(default_factory=list)  # achieved error of each step's reconstructed input
+    start_error: float | None = None  # chain output vs the pretrained chain, eval mode
+    start_bound: float | None = None
+    output_error: float | None = None  # model output vs the original model, eval mode
+
+    @property
+    def segments(self) -> list[tuple[int, int, float]]:
+        """Reversible segments between stored anchors: (first step, end step, max error)."""
+        n = len(self.steps)
+        bounds = sorted(set((0,) + self.anchors)) + [n]
+        errs = self.step_errors or [0.0] * n
+        return [(a, b, max(errs[a:b], default=0.0)) for a, b in zip(bounds, bounds[1:])]
+
+
+def plan_reversible(chain: Chain, options: ReversibleOptions) -> ReversiblePlan | Rejection:
+    blocks = chain.blocks
+    base = COUPLINGS[options.coupling]
+    coupling = Coupling(base.name, base.lam if options.lam is None else options.lam,
+                        base.beta if options.beta is None else options.beta, base.switch, base.output)
+    first = blocks[0]
+    where = f"{first.path} … {blocks[-1].path}"
+    if any(b.call.feed_index is not None for b in blocks):
+        return Rejection(where, "blocks return a tuple; a reversible chain needs blocks that return "
+                                "only their hidden state")
+    shape = first.call.hidden_in_shape or ()
+    if base.name != "revnet" and len(shape) not in (2, 3):
+        return Rejection(where, f"MEFT adapters act on the last (feature) dimension of (batch, features) or "
+                                f"(batch, tokens, features) hidden states; this chain carries shape {shape}: "
+                                "use coupling='revnet'")
+    if base.name == "meft3":
+        bad = [b for b in blocks if b.sublayers != 2 or "partial" in b.residual]
+        if bad:
+            return Rejection(where, f"meft3 needs blocks with two residual sub-layers (attention, MLP); "
+                                    f"{bad[0].path} has {bad[0].residual}")
+    if base.name == "revnet":
+        steps = tuple(tuple(range(i, min(i + 2, len(blocks)))) for i in range(0, len(blocks), 2))
+    else:
+        steps = tuple((i,) for i in range(len(blocks)))
+    return ReversiblePlan(chain, coupling, steps, options)

@@ -1,0 +1,158 @@
+"""Pass 7b: emit the converted module for reversible plans.
+
+Like the checkpoint rewrite, this never edits the user's module: it builds a
+structural copy sharing every parameter and buffer, registers the adapters
+as children of the blocks in the copy (so they appear in ``parameters()``,
+``state_dict()``, optimizers and DDP), and installs a ``ReversibleChain`` as
+the blocks' ``forward``.
+
+Before::
+
+    model.encoder.layer[0..11]                   plain blocks
+
+After (``meft1``)::
+
+    rmodel.encoder.layer[i].revify_adapter_f     Adapter(768 → 8 → 768), zero output
+    rmodel.encoder.layer[i].revify_adapter_g     Adapter
+    rmodel.encoder.layer[0].forward  = ReversibleHead   (runs all 12 couplings)
+    rmodel.encoder.layer[1..11].forward = ReversibleRelay
+
+``freeze_backbone`` sets ``requires_grad=False`` on the chain blocks'
+pretrained parameters. They are shared with the original model, so the
+original sees the change too.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from revify.runtime.adapter import Adapter
+from revify.runtime.checkpoint_segment import original_forward
+from revify.runtime.reversible_chain import (AdapterCall, BlockCall, CouplingStep, HalfCall, ResidualBranch,
+                                             ReversibleChain, WithAdapter)
+
+from .find_chains import Rejection
+from .plan_reversible import ReversiblePlan
+from .record_calls import CallTrace
+from .rewrite_checkpoint import share_structure
+
+
+class SplitError(Exception):
+    """A block's residual sub-layers cannot be called separately (MEFT3)."""
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _resolve(rmodel: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    owner, _, name = qualified.rpartition(".")
+    return rmodel.get_submodule(owner), name
+
+
+def _adapter(block: nn.Module, name: str, dim: int, plan: ReversiblePlan) -> Adapter:
+    ref = next(iter(block.parameters()), None)
+    adapter = Adapter(dim, plan.options.adapter_rank, plan.options.adapter_init,
+                      dtype=ref.dtype if ref is not None else None, device=ref.device if ref is not None else None)
+    block.add_module(name, adapter)
+    return adapter
+
+
+def build_chain(rmodel: nn.Module, plan: ReversiblePlan, halves_for: Any = None) -> ReversibleChain:
+    """Add adapters and build the coupling steps of one chain inside ``rmodel``.
+
+    ``halves_for(block, call)``: returns a block's two residual sub-layers
+    (MEFT3 only), raising with a reason if they cannot be split.
+    """
+    infos = plan.chain.blocks
+    blocks = [rmodel.get_submodule(b.path) for b in infos]
+    forwards = [original_forward(m) for m in blocks]
+    slot = infos[0].call.hidden_slot
+    calls = [BlockCall(fwd, slot, b.path) for fwd, b in zip(forwards, infos)]
+    name = plan.coupling.name
+    dim = (infos[0].call.hidden_in_shape or (0,))[-1]
+    buffers = [tuple(_resolve(rmodel, n) for n in b.mutated_buffers) for b in infos]
+    steps = []
+    for idx in plan.steps:
+        i = idx[0]
+        block = blocks[i]
+        step_buffers = tuple(x for j in idx for x in buffers[j])
+        if name == "meft1":
+            af, ag = _adapter(block, "revify_adapter_f", dim, plan), _adapter(block, "revify_adapter_g", dim, plan)
+            steps.append(CouplingStep(WithAdapter(calls[i], af), AdapterCall(ag), (block, af), (ag,), idx,
+                                      step_buffers, calls[i]))
+        elif name == "meft2":
+            af, ag = _adapter(block, "revify_adapter_f", dim, plan), _adapter(block, "revify_adapter_g", dim, plan)
+            steps.append(CouplingStep(AdapterCall(af), WithAdapter(calls[i], ag), (af,), (block, ag), idx,
+                                      step_buffers, calls[i]))
+        elif name == "meft3":
+            halves = halves_for(block, infos[0].call)
+            af, ag = _adapter(block, "revify_adapter_f", dim, plan), _adapter(block, "revify_adapter_g", dim, plan)
+            steps.append(CouplingStep(WithAdapter(HalfCall(halves, "first", slot), af),
+                                      WithAdapter(HalfCall(halves, "second", slot), ag),
+                                      (block, af), (block, ag), idx, step_buffers, calls[i]))
+        else:  # revnet: consecutive blocks as F and G
+            g = ResidualBranch(calls[idx[1]]) if len(idx) > 1 else None
+            steps.append(CouplingStep(ResidualBranch(calls[i]), g, (block,),
+                                      (blocks[idx[1]],) if len(idx) > 1 else (), idx, step_buffers))
+    stream = _DTYPES[plan.options.stream_dtype] if plan.options.stream_dtype else None
+    check = plan.options.tolerance if plan.options.check_reconstruction else None
+    return ReversibleChain(blocks, forwards, steps, plan.coupling, slot, random=True, anchors=plan.anchors,
+                           stream_dtype=stream, check_tolerance=check,
+                           name=f"reversible chain {infos[0].path} … {infos[-1].path}")
+
+
+def freeze_backbone(rmodel: nn.Module, plans: list[ReversiblePlan], trace: CallTrace) -> list[str]:
+    """Freeze every parameter but the adapters and the task head; return the trainable names.
+
+    The head is every module first called after the last reversible chain
+    (pooler and classifier, final norm and LM head). A parameter tied to the
+    head (GPT-2's embedding and LM head) stays trainable.
+    """
+    last = max((p.chain.blocks[-1].call.index for p in plans), default=None)
+    inside: set[int] = set()
+    head: set[str] = set()
+    if last is not None:
+        inside.add(last)
+        for c in trace.calls[last + 1:]:
+            if c.parent in inside:
+                inside.add(c.index)
+            elif c.path not in {x.path for x in trace.calls[:last + 1]}:
+                head.add(c.path)
+    keep: set[int] = set()
+    for path in head:
+        keep.update(id(p) for p in rmodel.get_submodule(path).parameters())
+    for m in rmodel.modules():
+        if getattr(m, "revify_adapter", False):
+            keep.update(id(p) for p in m.parameters())
+    trainable = []
+    for name, p in rmodel.named_parameters():
+        if id(p) in keep:
+            trainable.append(name)
+        else:
+            p.requires_grad_(False)
+    return trainable
+
+
+def rewrite_reversible(model: nn.Module, plans: list[ReversiblePlan], trace: CallTrace,
+                       halves_for: Any = None) -> tuple[nn.Module, list[ReversibleChain], list[Rejection]]:
+    """Returns the converted module, its chains (one per plan kept) and the plans it had to drop."""
+    rmodel = share_structure(model)
+    chains, kept, rejections = [], [], []
+    for plan in plans:
+        try:
+            chain = build_chain(rmodel, plan, halves_for)
+        except SplitError as exc:
+            for b in plan.chain.blocks:  # drop adapters added before the failure
+                for name in ("revify_adapter_f", "revify_adapter_g"):
+                    rmodel.get_submodule(b.path)._modules.pop(name, None)
+            rejections.append(Rejection(f"{plan.chain.blocks[0].path} … {plan.chain.blocks[-1].path}",
+                                        f"meft3: {exc}"))
+            continue
+        chain.install()
+        chains.append(chain)
+        kept.append(plan)
+    plans[:] = kept
+    if any(p.options.freeze_backbone and p.coupling.name != "revnet" for p in plans):
+        freeze_backbone(rmodel, plans, trace)
+    return rmodel, chains, rejections
