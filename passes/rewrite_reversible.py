@@ -97,7 +97,12 @@ def build_chain(rmodel: nn.Module, plan: ReversiblePlan, halves_for: Any = None)
                                       (blocks[idx[1]],) if len(idx) > 1 else (), idx, step_buffers))
     stream = _DTYPES[plan.options.stream_dtype] if plan.options.stream_dtype else None
     check = plan.options.tolerance if plan.options.check_reconstruction else None
-    return ReversibleChain(blocks, forwards, steps, plan.coupling, slot, random=True, anchors=plan.anchors,
+    # RNG states are saved per F and G call only where the recording run saw random
+    # ops; a chain converted in eval mode saves them whenever it later trains
+    random = any(b.call.random_ops for b in infos)
+    random_if_training = not random and not blocks[0].training
+    return ReversibleChain(blocks, forwards, steps, plan.coupling, slot, random=random,
+                           random_if_training=random_if_training, anchors=plan.anchors,
                            stream_dtype=stream, check_tolerance=check,
                            name=f"reversible chain {infos[0].path} … {infos[-1].path}")
 

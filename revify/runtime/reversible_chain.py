@@ -252,6 +252,7 @@ class ReversibleChain:
 
     def __init__(self, blocks: list[nn.Module], forwards: list[Callable], steps: list[CouplingStep],
                  coupling: Coupling, hidden_slot: tuple[str, Any], *, random: bool,
+                 random_if_training: bool = False,
                  anchors: tuple[int, ...] = (), stream_dtype: torch.dtype | None = None,
                  check_tolerance: float | None = None, name: str = ""):
         self.blocks = blocks
@@ -260,6 +261,7 @@ class ReversibleChain:
         self.coupling = coupling
         self.hidden_slot = hidden_slot
         self.random = random
+        self.random_if_training = random_if_training  # not seen random at conversion, but it was in eval
         self.anchors = tuple(sorted(anchors))
         self.stream_dtype = stream_dtype
         self.check_tolerance = check_tolerance  # debug mode: compare every reconstruction
@@ -431,7 +433,8 @@ class ReversibleChain:
                                "Convert with strategy='checkpoint' instead")
         cdt = x.dtype
         run = _Run(spec, len(tensors), cdt, self.stream_dtype or stream_dtype_for(cdt), x.device,
-                   _autocast_state(), self.anchors, self.random, probe=self.probe)
+                   _autocast_state(), self.anchors,
+                   self.random or (self.random_if_training and self.blocks[0].training), probe=self.probe)
         params = [p for p in self.parameters() if p.requires_grad]
         if self.check_tolerance is not None and run.probe is None:
             run.probe = Probe("check", self.check_tolerance)
