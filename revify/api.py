@@ -19,6 +19,8 @@ from revify.passes.plan_reversible import ReversibleOptions, ReversiblePlan, pla
 from revify.passes.record_calls import CallRecord, CallTrace, call_model, record_calls
 from revify.passes.rewrite_checkpoint import rewrite_checkpoint, share_structure
 from revify.passes.rewrite_reversible import SplitError, rewrite_reversible
+from revify.passes.split_residual_block import SplitError as BlockSplitError
+from revify.passes.split_residual_block import split_block
 from revify.plan import Plan
 from revify.runtime.reversible_chain import stored_activations  # noqa: F401  (public)
 
@@ -70,11 +72,9 @@ def inspect(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint",
 
 
 def _split_halves(block: nn.Module, call: CallRecord) -> Any:
-    from revify.passes import split_sublayers
     try:
-        return split_sublayers.split_block(block, tuple(call.example_args), dict(call.example_kwargs or {}),
-                                           call.hidden_slot)
-    except split_sublayers.SplitError as exc:
+        return split_block(block, tuple(call.example_args), dict(call.example_kwargs or {}), call.hidden_slot)
+    except BlockSplitError as exc:
         raise SplitError(str(exc)) from exc
 
 
