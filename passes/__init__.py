@@ -1,5 +1,7 @@
 """Analysis and rewrite passes of revify, one pass per module.
 
 Pipeline: record_calls → capture → find_residual_blocks → find_chains →
-check_legality → plan_checkpoint → rewrite_checkpoint.
+check_legality → plan_checkpoint → rewrite_checkpoint; for the reversible
+strategy plan_reversible → split_residual_block (MEFT3) → rewrite_reversible
+→ calibrate_reversible.
 """
