@@ -23,7 +23,6 @@ original sees the change too.
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn
@@ -37,10 +36,7 @@ from .find_chains import Rejection
 from .plan_reversible import ReversiblePlan
 from .record_calls import CallTrace
 from .rewrite_checkpoint import share_structure
-
-
-class SplitError(Exception):
-    """A block's residual sub-layers cannot be called separately (MEFT3)."""
+from .split_residual_block import SplitError, split_block
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,11 +54,11 @@ def _adapter(block: nn.Module, name: str, dim: int, plan: ReversiblePlan) -> Ada
     return adapter
 
 
-def build_chain(rmodel: nn.Module, plan: ReversiblePlan, halves_for: Any = None) -> ReversibleChain:
+def build_chain(rmodel: nn.Module, plan: ReversiblePlan) -> ReversibleChain:
     """Add adapters and build the coupling steps of one chain inside ``rmodel``.
 
-    ``halves_for(block, call)``: returns a block's two residual sub-layers
-    (MEFT3 only), raising with a reason if they cannot be split.
+    MEFT3 splits every block into its residual sub-layers; a block that cannot
+    be split raises ``SplitError`` with the reason.
     """
     infos = plan.chain.blocks
     blocks = [rmodel.get_submodule(b.path) for b in infos]
@@ -86,10 +82,11 @@ def build_chain(rmodel: nn.Module, plan: ReversiblePlan, halves_for: Any = None)
             steps.append(CouplingStep(AdapterCall(af), WithAdapter(calls[i], ag), (af,), (block, ag), idx,
                                       step_buffers, calls[i]))
         elif name == "meft3":
-            halves = halves_for(block, infos[0].call)
+            call = infos[0].call  # the recorded call: later blocks share its side inputs
+            halves = split_block(block, tuple(call.example_args), dict(call.example_kwargs or {}), slot)
             af, ag = _adapter(block, "revify_adapter_f", dim, plan), _adapter(block, "revify_adapter_g", dim, plan)
-            steps.append(CouplingStep(WithAdapter(HalfCall(halves, "first", slot), af),
-                                      WithAdapter(HalfCall(halves, "second", slot), ag),
+            steps.append(CouplingStep(WithAdapter(HalfCall(halves, "first"), af),
+                                      WithAdapter(HalfCall(halves, "second"), ag),
                                       (block, af), (block, ag), idx, step_buffers, calls[i]))
         else:  # revnet: consecutive blocks as F and G
             g = ResidualBranch(calls[idx[1]]) if len(idx) > 1 else None
@@ -101,7 +98,7 @@ def build_chain(rmodel: nn.Module, plan: ReversiblePlan, halves_for: Any = None)
     # ops; a chain converted in eval mode saves them whenever it later trains
     random = any(b.call.random_ops for b in infos)
     random_if_training = not random and not blocks[0].training
-    return ReversibleChain(blocks, forwards, steps, plan.coupling, slot, random=random,
+    return ReversibleChain(blocks, steps, plan.coupling, slot, random=random,
                            random_if_training=random_if_training, anchors=plan.anchors,
                            stream_dtype=stream, check_tolerance=check,
                            name=f"reversible chain {infos[0].path} … {infos[-1].path}")
@@ -139,14 +136,13 @@ def freeze_backbone(rmodel: nn.Module, plans: list[ReversiblePlan], trace: CallT
     return trainable
 
 
-def rewrite_reversible(model: nn.Module, plans: list[ReversiblePlan], trace: CallTrace,
-                       halves_for: Any = None) -> tuple[nn.Module, list[ReversibleChain], list[Rejection]]:
+def rewrite_reversible(model: nn.Module, plans: list[ReversiblePlan], trace: CallTrace) -> tuple[nn.Module, list[ReversibleChain], list[Rejection]]:
     """Returns the converted module, its chains (one per plan kept) and the plans it had to drop."""
     rmodel = share_structure(model)
     chains, kept, rejections = [], [], []
     for plan in plans:
         try:
-            chain = build_chain(rmodel, plan, halves_for)
+            chain = build_chain(rmodel, plan)
         except SplitError as exc:
             for b in plan.chain.blocks:  # drop adapters added before the failure
                 for name in ("revify_adapter_f", "revify_adapter_g"):

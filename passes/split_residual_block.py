@@ -120,8 +120,9 @@ class _Captured:
         users = list(cut.users)
         if len(users) == 1 and users[0].op == "call_function" and users[0].target is operator.getitem:
             cut = users[0]  # native_layer_norm returns (out, mean, rstd)
-        hidden_dep = set(hidden_subgraph(dataflow_graph(graph), entry).nodes)
-        after_cut = set(hidden_subgraph(dataflow_graph(graph), cut).nodes)
+        dataflow = dataflow_graph(graph)
+        hidden_dep = set(hidden_subgraph(dataflow, entry).nodes)
+        after_cut = set(hidden_subgraph(dataflow, cut).nodes)
         second = _ancestors(result, stop=cut)
         for n in second:
             if n in hidden_dep and n not in after_cut and n is not cut:

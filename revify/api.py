@@ -16,11 +16,9 @@ from revify.passes.capture import capture_regions
 from revify.passes.find_chains import find_chains
 from revify.passes.plan_checkpoint import plan_checkpoint
 from revify.passes.plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
-from revify.passes.record_calls import CallRecord, CallTrace, call_model, record_calls
+from revify.passes.record_calls import CallTrace, call_model, record_calls
 from revify.passes.rewrite_checkpoint import rewrite_checkpoint, share_structure
-from revify.passes.rewrite_reversible import SplitError, rewrite_reversible
-from revify.passes.split_residual_block import SplitError as BlockSplitError
-from revify.passes.split_residual_block import split_block
+from revify.passes.rewrite_reversible import rewrite_reversible
 from revify.plan import Plan
 from revify.runtime.reversible_chain import stored_activations  # noqa: F401  (public)
 
@@ -71,13 +69,6 @@ def inspect(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint",
     return plan
 
 
-def _split_halves(block: nn.Module, call: CallRecord) -> Any:
-    try:
-        return split_block(block, tuple(call.example_args), dict(call.example_kwargs or {}), call.hidden_slot)
-    except BlockSplitError as exc:
-        raise SplitError(str(exc)) from exc
-
-
 def revify(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", *,
            strict: bool = False, coupling: str = "meft1", lam: float | None = None, beta: float | None = None,
            adapter_rank: int = 8, adapter_init: str = "zero", freeze_backbone: bool = True,
@@ -119,7 +110,7 @@ def revify(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", 
         if strategy == "checkpoint":
             rmodel, _ = rewrite_checkpoint(model, plan.chains)
         else:
-            rmodel, chains, dropped = rewrite_reversible(model, plan.reversible, trace, _split_halves)
+            rmodel, chains, dropped = rewrite_reversible(model, plan.reversible, trace)
             plan.rejections += dropped
             calibrate_reversible(model, rmodel, chains, plan.reversible, example_inputs)
     except Exception as exc:  # a module revify cannot rewrite must not stop the user's training

@@ -8,19 +8,12 @@ import torch
 
 import revify
 from revify.measure import measure_saved_bytes
-from zoo import ALL_CASES
+from zoo import ALL_CASES, train_step
 
 
-def _step(model, case, seed=1):
-    torch.manual_seed(seed)
-    out = revify.api.call_model(model, case.example_inputs)
-    loss = case.loss_fn(out)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    for p in model.parameters():
-        p.grad = None
-    value = out.logits if hasattr(out, "logits") else out
-    return value.detach(), grads
+def _step(model, case):
+    value, _, grads = train_step(model, case)
+    return value, grads
 
 
 @pytest.mark.parametrize("name", sorted(ALL_CASES))

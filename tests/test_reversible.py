@@ -11,7 +11,7 @@ from torch import nn
 import revify
 from revify.measure import measure_saved_bytes
 from revify.runtime.reversible_chain import reversible_chains
-from zoo import ALL_CASES, MLPResNet, ZooCase, _logits_loss
+from zoo import ALL_CASES, MLPResNet, ZooCase, _logits_loss, train_step
 
 TRANSFORMERS = ["pre_ln_transformer", "bert", "roberta", "gpt2", "opt", "llama", "vit"]
 GRAD_RTOL = 1e-4  # relative, per parameter, fp32
@@ -26,15 +26,9 @@ def _perturb_adapters(rmodel: nn.Module, seed: int = 3) -> None:
                 p.normal_(0, 0.05)
 
 
-def _step(model, case, seed=5):
-    torch.manual_seed(seed)
-    out = revify.api.call_model(model, case.example_inputs)
-    loss = case.loss_fn(out)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    for p in model.parameters():
-        p.grad = None
-    return loss.detach(), grads
+def _step(model, case):
+    _, loss, grads = train_step(model, case, seed=5)
+    return loss, grads
 
 
 def _assert_grads_close(got: dict, ref: dict) -> None:

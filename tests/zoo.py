@@ -23,6 +23,20 @@ class ZooCase:
     n_blocks: int
 
 
+def train_step(model: nn.Module, case: ZooCase, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One seeded forward and backward; returns (output, loss, gradients) and clears the gradients."""
+    from revify.passes.record_calls import call_model
+    torch.manual_seed(seed)
+    out = call_model(model, case.example_inputs)
+    loss = case.loss_fn(out)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for p in model.parameters():
+        p.grad = None
+    value = out.logits if hasattr(out, "logits") else out
+    return value.detach(), loss.detach(), grads
+
+
 def _logits_loss(out) -> torch.Tensor:
     logits = out.logits if hasattr(out, "logits") else out
     return logits.float().pow(2).mean()

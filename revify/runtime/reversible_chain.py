@@ -80,8 +80,8 @@ class BlockCall:
 class HalfCall:
     """One residual sub-layer of a block (MEFT3), from ``split_sublayers``."""
 
-    def __init__(self, halves: Any, which: str, slot: tuple[str, Any]):
-        self.halves, self.which, self.slot = halves, which, slot
+    def __init__(self, halves: Any, which: str):
+        self.halves, self.which = halves, which
 
     def __call__(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         half = self.halves.first if self.which == "first" else self.halves.second
@@ -194,7 +194,6 @@ class _Run:
     """What one forward of the chain leaves for its backward, besides saved tensors."""
 
     side_spec: Any
-    n_side: int
     compute_dtype: torch.dtype
     stream_dtype: torch.dtype
     device: torch.device
@@ -250,13 +249,12 @@ def _swapped(buffers: tuple[tuple[nn.Module, str], ...], values: list[torch.Tens
 class ReversibleChain:
     """The steps of one chain plus the state that links its head and relays."""
 
-    def __init__(self, blocks: list[nn.Module], forwards: list[Callable], steps: list[CouplingStep],
+    def __init__(self, blocks: list[nn.Module], steps: list[CouplingStep],
                  coupling: Coupling, hidden_slot: tuple[str, Any], *, random: bool,
                  random_if_training: bool = False,
                  anchors: tuple[int, ...] = (), stream_dtype: torch.dtype | None = None,
                  check_tolerance: float | None = None, name: str = ""):
         self.blocks = blocks
-        self.forwards = forwards  # the blocks' original forwards, restored by uninstall
         self.steps = steps
         self.coupling = coupling
         self.hidden_slot = hidden_slot
@@ -305,7 +303,7 @@ class ReversibleChain:
         measured on ``x``; returns (error, bound, ρ per step).
         """
         cdt = x.dtype
-        run = _Run(None, 0, cdt, self.stream_dtype or stream_dtype_for(cdt), x.device, [], (), False)
+        run = _Run(None, cdt, self.stream_dtype or stream_dtype_for(cdt), x.device, [], (), False)
         record: list = []
         with torch.no_grad():
             s1, s2, _ = self.forward_streams(x, args, kwargs, run, record=record)
@@ -432,7 +430,7 @@ class ReversibleChain:
                                "states); reversible chains pass gradients only to the hidden state. "
                                "Convert with strategy='checkpoint' instead")
         cdt = x.dtype
-        run = _Run(spec, len(tensors), cdt, self.stream_dtype or stream_dtype_for(cdt), x.device,
+        run = _Run(spec, cdt, self.stream_dtype or stream_dtype_for(cdt), x.device,
                    _autocast_state(), self.anchors,
                    self.random or (self.random_if_training and self.blocks[0].training), probe=self.probe)
         params = [p for p in self.parameters() if p.requires_grad]
