@@ -36,7 +36,7 @@ from .find_chains import Rejection
 from .plan_reversible import ReversiblePlan
 from .record_calls import CallTrace
 from .rewrite_checkpoint import share_structure
-from .split_residual_block import SplitError, split_block
+from .split_sublayers import SplitError, split_block
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
