@@ -1,17 +1,25 @@
-"""Pass 6: choose checkpoint segments for each chain (Chen et al. 2016).
+"""Pass 6: choose checkpoint segments for each chain.
 
-A chain of n blocks is cut into round(sqrt(n)) segments of near-equal
-length. Only each segment's input is kept for backward; a segment's interior
-is recomputed once, when its gradient is needed. Saved activations drop from
-n blocks' interiors to about sqrt(n) boundary tensors, for one extra forward.
+A *segment* ``[start, end)`` of a chain is run under one checkpoint: only
+its input is kept for backward and its interior is recomputed once, when its
+gradient is needed. Blocks outside every segment keep their activations.
+This pass gives the two fixed schedules; ``plan_budget`` chooses segments
+for a memory budget.
+
+* ``sqrt(n)`` (Chen et al. 2016): round(sqrt(n)) near-equal segments, so
+  about sqrt(n) boundary tensors are kept, for one extra forward.
+* ``per-block``: every block its own segment. Also one extra forward, and
+  for transformers (whose blocks keep 10-20x their input inside) less memory
+  than sqrt(n): only each block's input is kept, and the backward peak holds
+  one block's interior instead of sqrt(n) of them.
 
 Before::
 
     Chain(blocks=[b0 … b11])
 
-After::
+After (``sqrt(n)``)::
 
-    ChainPlan(blocks=[b0 … b11], segments=[(0, 4), (4, 8), (8, 12)])
+    ChainPlan(segments=(Segment(0, 4), Segment(4, 8), Segment(8, 12)), schedule="sqrt(n)")
 """
 from __future__ import annotations
 
@@ -20,25 +28,66 @@ from dataclasses import dataclass
 
 from .find_chains import Chain
 
+POLICIES = ("recompute", "save_matmuls")
+SCHEDULES = ("sqrt(n)", "per-block")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Blocks ``[start, end)`` of a chain recomputed together in backward.
+
+    ``policy="recompute"`` keeps only the segment's input; ``"save_matmuls"``
+    also keeps the outputs of matrix multiplications inside it (selective
+    checkpointing), so backward recomputes only the cheap ops between them.
+    """
+
+    start: int
+    end: int
+    policy: str = "recompute"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"empty or negative segment [{self.start}, {self.end})")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown segment policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+
+    def describe(self) -> str:
+        span = f"{self.start}" if self.end - self.start == 1 else f"{self.start}-{self.end - 1}"
+        return span if self.policy == "recompute" else f"{span} ({self.policy})"
+
 
 @dataclass(frozen=True)
 class ChainPlan:
     chain: Chain
-    segments: tuple[tuple[int, int], ...]  # [start, end) block indices
+    segments: tuple[Segment, ...]  # blocks in no segment keep their activations
+    schedule: str = "sqrt(n)"  # how the segments were chosen
 
     @property
     def block_paths(self) -> list[str]:
         return [b.path for b in self.chain.blocks]
 
+    @property
+    def kept_blocks(self) -> list[int]:
+        inside = {i for s in self.segments for i in range(s.start, s.end)}
+        return [i for i in range(len(self.chain.blocks)) if i not in inside]
 
-def sqrt_segments(n: int) -> tuple[tuple[int, int], ...]:
+
+def sqrt_segments(n: int) -> tuple[Segment, ...]:
     """Split ``n`` blocks into round(sqrt(n)) contiguous, near-equal segments."""
     if n <= 0:
         return ()
     k = max(1, round(math.sqrt(n)))
     bounds = [round(i * n / k) for i in range(k + 1)]
-    return tuple((bounds[i], bounds[i + 1]) for i in range(k) if bounds[i] < bounds[i + 1])
+    return tuple(Segment(bounds[i], bounds[i + 1]) for i in range(k) if bounds[i] < bounds[i + 1])
 
 
-def plan_checkpoint(chain: Chain) -> ChainPlan:
-    return ChainPlan(chain, sqrt_segments(len(chain.blocks)))
+def per_block_segments(n: int) -> tuple[Segment, ...]:
+    return tuple(Segment(i, i + 1) for i in range(n))
+
+
+def plan_checkpoint(chain: Chain, schedule: str = "sqrt(n)") -> ChainPlan:
+    if schedule == "sqrt(n)":
+        return ChainPlan(chain, sqrt_segments(len(chain.blocks)), schedule)
+    if schedule == "per-block":
+        return ChainPlan(chain, per_block_segments(len(chain.blocks)), schedule)
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")

@@ -47,18 +47,21 @@ def share_structure(module: nn.Module, memo: dict[int, nn.Module] | None = None)
     return new
 
 
-def rewrite_checkpoint(model: nn.Module, plans: list[ChainPlan]) -> tuple[nn.Module, list[CheckpointSegment]]:
-    rmodel = share_structure(model)
+def rewrite_checkpoint(model: nn.Module, plans: list[ChainPlan],
+                       rmodel: nn.Module | None = None) -> tuple[nn.Module, list[CheckpointSegment]]:
+    """Install the segments of ``plans``; on ``rmodel`` if given (a copy already made), else on a new copy."""
+    rmodel = share_structure(model) if rmodel is None else rmodel
     segments = []
     for plan in plans:
         blocks = plan.chain.blocks
-        for start, end in plan.segments:
+        for segment in plan.segments:
+            start, end = segment.start, segment.end
             modules = [rmodel.get_submodule(b.path) for b in blocks[start:end]]
             buffers = []
             for name in (n for b in blocks[start:end] for n in b.mutated_buffers):
                 owner_path, _, buf_name = name.rpartition(".")
                 buffers.append((rmodel.get_submodule(owner_path), buf_name))
-            seg = CheckpointSegment(modules, blocks[start].call.hidden_slot, buffers)
+            seg = CheckpointSegment(modules, blocks[start].call.hidden_slot, buffers, segment.policy)
             seg.install()
             segments.append(seg)
     return rmodel, segments

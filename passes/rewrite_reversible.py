@@ -136,9 +136,13 @@ def freeze_backbone(rmodel: nn.Module, plans: list[ReversiblePlan], trace: CallT
     return trainable
 
 
-def rewrite_reversible(model: nn.Module, plans: list[ReversiblePlan], trace: CallTrace) -> tuple[nn.Module, list[ReversibleChain], list[Rejection]]:
-    """Returns the converted module, its chains (one per plan kept) and the plans it had to drop."""
-    rmodel = share_structure(model)
+def rewrite_reversible(model: nn.Module, plans: list[ReversiblePlan], trace: CallTrace,
+                       rmodel: nn.Module | None = None) -> tuple[nn.Module, list[ReversibleChain], list[Rejection]]:
+    """Returns the converted module, its chains (one per plan kept) and the plans it had to drop.
+
+    Installs on ``rmodel`` if given (a structural copy already made), else on a new copy.
+    """
+    rmodel = share_structure(model) if rmodel is None else rmodel
     chains, kept, rejections = [], [], []
     for plan in plans:
         try:

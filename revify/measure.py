@@ -10,6 +10,10 @@ the user's example inputs:
   they live regardless of activation checkpointing.  Tensors saved *inside* a
   ``torch.utils.checkpoint`` region are (correctly) not seen: only the
   checkpoint's inputs are kept, which is exactly the saving we want to show.
+* **retained after forward** -- bytes of storages created during forward
+  and still alive when backward starts: what autograd saved, plus what
+  selective checkpointing caches in its own dispatch mode (invisible to
+  saved-tensor hooks), plus the outputs and the loss.
 * **peak live tensors** -- the peak number of bytes in tensor storages that were
   created during one forward+backward step and were still alive at the same
   time.  A :class:`LiveStorageTracker` (a ``TorchDispatchMode``) sees every
@@ -24,6 +28,7 @@ dtype promotion, checkpoint recomputation); measurements are not.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import threading
 import time
@@ -40,6 +45,7 @@ __all__ = [
     "LiveStorageTracker",
     "measure_saved_bytes",
     "measure_peak_bytes",
+    "measure_memory",
     "measure_step",
     "run_model",
 ]
@@ -60,6 +66,8 @@ class StepMeasurement:
     """Peak bytes of live tensor storages created during the step (above baseline)."""
     step_time_s: float
     """Median wall-clock seconds of one forward+backward step."""
+    retained_bytes: int = 0
+    """Bytes of storages created in forward and alive when backward starts (saved, cached, outputs)."""
 
 
 def run_model(model: Callable[..., Any], example_inputs: ExampleInputs) -> Any:
@@ -225,12 +233,13 @@ class LiveStorageTracker(TorchDispatchMode):
         return out
 
 
-def measure_peak_bytes(
+def measure_memory(
     model: Callable[..., Any],
     example_inputs: ExampleInputs,
     loss_fn: LossFn,
-) -> int:
-    """Peak live bytes of storages created during one forward+loss+backward."""
+) -> tuple[int, int]:
+    """``(peak, retained)``: peak live bytes of storages created during one
+    forward+loss+backward, and the live bytes when backward starts."""
     _zero_grads(model)
     torch.manual_seed(0)
     tracker = LiveStorageTracker()
@@ -238,11 +247,22 @@ def measure_peak_bytes(
         out = run_model(model, example_inputs)
         loss = loss_fn(out)
         del out
+        gc.collect()  # a reference cycle in user code must not count as retained
+        retained = tracker.live_bytes
         _backward(loss)
         del loss
     peak = tracker.peak_bytes
     _zero_grads(model)
-    return peak
+    return peak, retained
+
+
+def measure_peak_bytes(
+    model: Callable[..., Any],
+    example_inputs: ExampleInputs,
+    loss_fn: LossFn,
+) -> int:
+    """Peak live bytes of storages created during one forward+loss+backward."""
+    return measure_memory(model, example_inputs, loss_fn)[0]
 
 
 def _timed_step(model: Callable[..., Any], example_inputs: ExampleInputs, loss_fn: LossFn) -> float:
@@ -276,7 +296,7 @@ def measure_step(
     left as ``None`` afterwards.
     """
     saved_bytes, saved_tensors = measure_saved_bytes(model, example_inputs, loss_fn)
-    peak = measure_peak_bytes(model, example_inputs, loss_fn)
+    peak, retained = measure_memory(model, example_inputs, loss_fn)
     for _ in range(max(0, warmup)):
         _timed_step(model, example_inputs, loss_fn)
     times = [_timed_step(model, example_inputs, loss_fn) for _ in range(max(1, repeats))]
@@ -286,4 +306,5 @@ def measure_step(
         saved_tensors=int(saved_tensors),
         peak_bytes=int(peak),
         step_time_s=float(statistics.median(times)),
+        retained_bytes=int(retained),
     )

@@ -48,8 +48,9 @@ class Plan:
             lines.append(f"  chain {i}: {len(blocks)} × {blocks[0].module_type} in "
                          f"{cp.chain.parent or '<root>'} ({blocks[0].path} … {blocks[-1].path})")
             lines.append(f"    structure: {blocks[0].residual} [graph: {blocks[0].engine}]")
-            segs = ", ".join(f"{a}-{b - 1}" for a, b in cp.segments)
-            lines.append(f"    checkpoint: {len(cp.segments)} segment(s) [{segs}] (sqrt(n) schedule)")
+            segs = ", ".join(s.describe() for s in cp.segments)
+            kept = f"; blocks {cp.kept_blocks} keep their activations" if cp.kept_blocks else ""
+            lines.append(f"    checkpoint: {len(cp.segments)} segment(s) [{segs}] ({cp.schedule} schedule){kept}")
             for note in dict.fromkeys(n for b in blocks for n in b.legality.notes):
                 lines.append(f"    note: {note}")
         for rp in self.reversible:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import functools
 
@@ -86,11 +86,43 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
+# ops whose outputs the ``save_matmuls`` policy keeps: the compute-bound ones, so
+# that backward recomputes only the memory-bound ops between them
+_SAVED_BY_SAVE_MATMULS = frozenset(
+    op for name in ("mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention",
+                    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+                    "_scaled_dot_product_cudnn_attention")
+    if (op := getattr(torch.ops.aten, name, None)) is not None)
+
+
+def _save_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    if func.overloadpacket in _SAVED_BY_SAVE_MATMULS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _context_fn(policy: str) -> Callable | None:
+    """``context_fn`` for ``torch.utils.checkpoint``: None recomputes everything."""
+    if policy == "recompute":
+        return None
+    if policy == "save_matmuls":
+        return functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+    raise ValueError(f"unknown checkpoint policy {policy!r}")
+
+
+def _checkpoint(fn: Callable, policy: str, *args: Any, **kwargs: Any) -> Any:
+    context_fn = _context_fn(policy)
+    extra = {} if context_fn is None else {"context_fn": context_fn}
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
+
+
 class CheckpointSegment:
     """Blocks [b_0 … b_m] of a chain, recomputed together in backward."""
 
     def __init__(self, blocks: list[nn.Module], hidden_slot: tuple[str, Any],
-                 mutated_buffers: list[tuple[nn.Module, str]]):
+                 mutated_buffers: list[tuple[nn.Module, str]], policy: str = "recompute"):
+        _context_fn(policy)  # unknown policies fail at conversion
+        self.policy = policy
         self.blocks = blocks
         self.forwards = [original_forward(b) for b in blocks]
         self.hidden_slot = hidden_slot
@@ -151,10 +183,9 @@ class CheckpointSegment:
         if not isinstance(get_slot(args, kwargs, self.hidden_slot), torch.Tensor):
             # called differently from the recorded call: this block alone, checkpointed
             self.fallback_calls += 1
-            return checkpoint(self.forwards[0], *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+            return _checkpoint(self.forwards[0], self.policy, *args, **kwargs)
         state = _RunState()
-        outputs = checkpoint(functools.partial(self._run_all, state), *args,
-                             use_reentrant=False, preserve_rng_state=True, **kwargs)
+        outputs = _checkpoint(functools.partial(self._run_all, state), self.policy, *args, **kwargs)
         if len(outputs) > 1:
             self.pending = _Pending(outputs, side_signature(args, kwargs, self.hidden_slot),
                                     [None] + state.rng_before)
@@ -182,7 +213,7 @@ class CheckpointSegment:
         if not torch.is_grad_enabled():
             return self.forwards[k](*args, **kwargs)
         self.fallback_calls += 1
-        return checkpoint(self.forwards[k], *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+        return _checkpoint(self.forwards[k], self.policy, *args, **kwargs)
 
 
 @contextmanager
