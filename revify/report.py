@@ -16,20 +16,9 @@ from typing import Any, Callable
 import torch
 
 from revify.measure import ExampleInputs, StepMeasurement, measure_step
+from revify.units import format_bytes
 
 __all__ = ["MemoryReport", "report", "format_bytes", "default_loss_fn"]
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable byte count (B, KiB, MiB, GiB, TiB)."""
-    n = float(n)
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024.0:
-            return f"{sign}{int(n)} B" if unit == "B" else f"{sign}{n:.2f} {unit}"
-        n /= 1024.0
-    return f"{sign}{n:.2f} TiB"
 
 
 def _format_time(s: float) -> str:
