@@ -1,27 +1,39 @@
-"""Before/after report of a revified model, built from measurements only.
+"""Before/after report of a revified model: measured figures, per chain, with predicted formulas.
 
 ``report(model, rmodel, example_inputs)`` runs the original and the revified
 model on the user's example inputs and compares what was *measured* (see
-:mod:`revify.measure`): bytes saved for backward, peak live tensor bytes and
-step time.  Nothing here is estimated from shapes, so the figures are honest
-for these inputs on this device -- and only for them; the header says so.
+:mod:`revify.measure`): bytes saved for backward (in total and per chain),
+peak live tensor bytes by category, and step time. Nothing in those figures
+is estimated from shapes, so they are honest for these inputs on this
+device -- and only for them; the header says so.
+
+On top of the measurements, the report carries *predictions*, labelled as
+such: formulas in the batch size B and the sequence length (or image side)
+S for the saved and peak bytes before and after conversion
+(``report.formula()``, ``report.max_batch("24GiB", seq_len=...)``), fitted
+exactly from runs of the same code on fake tensors
+(:mod:`revify.passes.predict_memory`), and the budget planner's predictions
+when the plan has them. ``report(..., device="meta")`` measures both models
+on fake tensors only: for models too big to run (see :mod:`revify.estimate`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
-from revify.measure import ExampleInputs, StepMeasurement, measure_step
+from revify.measure import CATEGORIES, ExampleInputs, StepMeasurement, measure_block_times, measure_step
 from revify.units import format_bytes
 
-__all__ = ["MemoryReport", "report", "format_bytes", "default_loss_fn"]
+__all__ = ["MemoryReport", "ChainReport", "BlockMemory", "report", "format_bytes", "default_loss_fn"]
 
 
-def _format_time(s: float) -> str:
+def _format_time(s: float | None) -> str:
+    if s is None:
+        return "not timed"
     if s < 1e-3:
         return f"{s * 1e6:.1f} us"
     if s < 1.0:
@@ -29,7 +41,9 @@ def _format_time(s: float) -> str:
     return f"{s:.3f} s"
 
 
-def _ratio(after: float, before: float) -> float | None:
+def _ratio(after: float | None, before: float | None) -> float | None:
+    if after is None or before is None:
+        return None
     if before == 0:
         return None if after != 0 else 1.0
     return after / before
@@ -39,80 +53,267 @@ def _format_ratio(r: float | None) -> str:
     return "n/a" if r is None else f"{r:.3f}x"
 
 
+@dataclass(frozen=True)
+class ChainReport:
+    """One converted chain: what was done, and what it keeps and costs."""
+
+    index: int
+    strategy: str  # "checkpoint" or "reversible (meft1)" ...
+    blocks: int
+    block_type: str
+    first: str
+    last: str
+    layout: str  # segments (checkpoint) or coupling steps and anchors (reversible)
+    saved_before: int  # measured: bytes first saved by the chain's blocks in the original
+    saved_after: int  # measured, in the converted model
+    predicted_saved_after: int | None = None  # fitted formula at the example sizes (fake tensors)
+    planned_saved_bytes: int | None = None  # the budget planner's prediction
+    planned_peak_bytes: int | None = None
+    planned_recompute_fraction: float | None = None
+    forward_s: float | None = None  # measured forward time of the chain's blocks in the original
+    recompute_s: float | None = None  # measured forward time of the blocks backward recomputes
+    recompute_fraction: float | None = None  # recompute_s / measured forward time of the whole model
+    recompute_partial: bool = False  # save_matmuls segments recompute less than their blocks' forward
+    reconstruction_error: float | None = None  # reversible: largest measured error of a reconstructed input
+    start_error: float | None = None  # reversible: chain output vs the original blocks (eval mode)
+
+    @property
+    def paths(self) -> str:
+        return f"{self.first} … {self.last}"
+
+
+@dataclass(frozen=True)
+class BlockMemory:
+    """Saved bytes of one block, measured before and after (a segment's head holds its segment's)."""
+
+    path: str
+    chain: int
+    saved_before: int
+    saved_after: int
+
+
 @dataclass
 class MemoryReport:
-    """Measured before/after figures of one training step."""
+    """Before/after figures of one training step; measured unless ``estimated`` (fake tensors)."""
 
     before: StepMeasurement
     after: StepMeasurement
     plan_summary: str = ""
     notes: list[str] = field(default_factory=list)
     device: str = "cpu"
+    chains: list[ChainReport] = field(default_factory=list)
+    blocks: list[BlockMemory] = field(default_factory=list)
+    estimated: bool = False  # figures from fake tensors (nothing allocated), not measured
+    forward_s: float | None = None  # measured forward time of the original model
+    pareto: list[tuple[int, int, float]] = field(default_factory=list)  # planner: (budget, peak, recompute s)
+    chosen: tuple[int, float] | None = None  # planner: (predicted peak, recompute s) of the plan applied
+    _formulas: dict[str, Any] | None = field(default=None, repr=False)
+    _predict: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
+    _labels: list[Any] = field(default_factory=list, repr=False)
 
+    # --- figures -----------------------------------------------------------------------------------
     def ratios(self) -> dict[str, float | None]:
-        """after/before ratios (None where before is 0 and after is not)."""
+        """after/before ratios (None where before is 0 and after is not, or a figure is missing)."""
         return {
             "saved": _ratio(self.after.saved_bytes, self.before.saved_bytes),
             "peak": _ratio(self.after.peak_bytes, self.before.peak_bytes),
             "time": _ratio(self.after.step_time_s, self.before.step_time_s),
         }
 
+    @property
+    def formulas(self) -> dict[str, Any]:
+        """``{"before": MemoryFormula, "after": MemoryFormula}``, fitted on first use (predictions)."""
+        if self._formulas is None:
+            if self._predict is None:
+                raise RuntimeError("this report was made with formulas=False; call revify.report(..., formulas=True)")
+            self._formulas = self._predict()
+            after = self._formulas.get("after")
+            if after is not None:  # each chain's share of the formula at the example sizes
+                by_block = after.evaluate()["saved_by_block"]
+                self.chains = [replace(c, predicted_saved_after=sum(
+                    by_block.get(b.path, 0) for b in self.blocks if b.chain == c.index)) for c in self.chains]
+        return self._formulas
+
+    def formula(self, file: Any = None) -> None:
+        """Print the predicted memory formulas (sympy expressions in B and S), before and after."""
+        print("\n".join(self._formula_lines()), file=file)
+
+    def _formula_lines(self) -> list[str]:
+        formulas = self.formulas
+        lines = []
+        for which in ("before", "after"):
+            f = formulas.get(which)
+            if f is None:
+                lines.append(f"{which}: no formula ({formulas.get(which + '_error', 'not computed')})")
+                continue
+            sizes = ", ".join(f"{s} = {f.meanings.get(s, s)}" for s in f.symbols) or "no size varies"
+            lines.append(f"{which} (bytes; {sizes}; PREDICTED: fitted exactly on {len(f.fit_points)} fake-tensor "
+                         "steps of this code):")
+            lines += ["  " + ln for ln in f.describe(self._labels)]
+            lines += [f"  {k} {v}" for k, v in f.held.items()]
+            lines += [f"  note: {n}" for n in f.notes]
+        return lines
+
+    def max_batch(self, memory: int | float | str, seq_len: int | None = None, which: str = "after") -> int:
+        """Largest batch whose predicted step (parameters + gradients + peak activations and temporaries;
+        no optimizer state) fits in ``memory`` (bytes or e.g. ``"24GiB"``), at ``seq_len`` (or image side)."""
+        if which not in ("before", "after"):
+            raise ValueError(f"which must be 'before' or 'after', got {which!r}")
+        f = self.formulas.get(which)
+        if f is None:
+            raise RuntimeError(f"no {which} formula: {self.formulas.get(which + '_error')}")
+        return f.max_batch(memory, seq_len)
+
+    # --- output --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """Every figure of the report (formulas fitted now if they were not yet)."""
+        out: dict[str, Any] = {
             "before": asdict(self.before),
             "after": asdict(self.after),
             "ratios": self.ratios(),
             "plan_summary": self.plan_summary,
             "notes": list(self.notes),
             "device": self.device,
+            "estimated": self.estimated,
+            "forward_s": self.forward_s,
+            "chains": [asdict(c) for c in self.chains],
+            "blocks": [asdict(b) for b in self.blocks],
+            "pareto": [list(p) for p in self.pareto],
+            "chosen": list(self.chosen) if self.chosen else None,
         }
+        if self._formulas is not None or self._predict is not None:
+            out["formulas"] = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in self.formulas.items()}
+        return out
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
         r = self.ratios()
+        b, a = self.before, self.after
         rows = [
             ("", "before", "after", "ratio"),
-            (
-                "saved for backward",
-                format_bytes(self.before.saved_bytes),
-                format_bytes(self.after.saved_bytes),
-                _format_ratio(r["saved"]),
-            ),
-            (
-                "peak live tensors",
-                format_bytes(self.before.peak_bytes),
-                format_bytes(self.after.peak_bytes),
-                _format_ratio(r["peak"]),
-            ),
-            (
-                "step time",
-                _format_time(self.before.step_time_s),
-                _format_time(self.after.step_time_s),
-                _format_ratio(r["time"]),
-            ),
+            ("saved for backward", format_bytes(b.saved_bytes), format_bytes(a.saved_bytes), _format_ratio(r["saved"])),
+            ("peak live tensors", format_bytes(b.peak_bytes), format_bytes(a.peak_bytes), _format_ratio(r["peak"])),
         ]
+        if b.peak_by_category and a.peak_by_category:
+            for c in CATEGORIES:
+                rows.append((f"  {c} at peak", format_bytes(b.peak_by_category.get(c, 0)),
+                             format_bytes(a.peak_by_category.get(c, 0)), ""))
+        if b.param_bytes or a.param_bytes:
+            rows.append(("parameters + buffers", format_bytes(b.param_bytes), format_bytes(a.param_bytes), ""))
+        rows.append(("step time", _format_time(b.step_time_s), _format_time(a.step_time_s), _format_ratio(r["time"])))
         w0 = max(len(row[0]) for row in rows)
         wc = [max(len(row[i]) for row in rows) for i in (1, 2, 3)]
-        lines = [
-            f"revify report -- figures MEASURED on the example inputs on "
-            f"{self.device.upper() if self.device == 'cpu' else self.device} "
-            f"(one forward+backward step; not estimates)"
-        ]
+        where = self.device.upper() if self.device == "cpu" else self.device
+        if self.estimated:
+            header = (f"revify report -- figures ESTIMATED on fake tensors with the {where} kernels (nothing "
+                      "allocated; exact bytes of the tensors this code creates; not timed)")
+        else:
+            header = (f"revify report -- figures MEASURED on the example inputs on {where} "
+                      "(one forward+backward step; not estimates)")
+        lines = [header]
         for row in rows:
-            lines.append(
-                f"  {row[0]:<{w0}}  {row[1]:>{wc[0]}}  {row[2]:>{wc[1]}}  {row[3]:>{wc[2]}}"
-            )
-        lines.append(
-            f"  (saved tensors: {self.before.saved_tensors} -> {self.after.saved_tensors})"
-        )
+            lines.append(f"  {row[0]:<{w0}}  {row[1]:>{wc[0]}}  {row[2]:>{wc[1]}}  {row[3]:>{wc[2]}}")
+        lines.append(f"  (saved tensors: {b.saved_tensors} -> {a.saved_tensors})")
+        lines += self._chain_lines()
+        if self._formulas is not None:
+            lines.append("memory formulas:")
+            lines += ["  " + ln for ln in self._formula_lines()]
+        elif self._predict is not None:
+            lines.append("memory formulas: report.formula() prints them (fitted on demand from fake-tensor steps)")
+        if self.pareto:
+            lines.append("planner Pareto front (PREDICTED): budget -> peak, recompute")
+            for budget, peak, cost in self.pareto:
+                lines.append(f"  {format_bytes(budget):>10} -> {format_bytes(peak):>10}, {cost * 1e3:.1f} ms")
         if self.plan_summary:
             lines.append("plan:")
             lines.extend("  " + ln for ln in self.plan_summary.splitlines())
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
+
+    def _chain_lines(self) -> list[str]:
+        lines = []
+        for c in self.chains:
+            lines.append(f"chain {c.index}: {c.blocks} × {c.block_type} ({c.paths}) -- {c.strategy}: {c.layout}")
+            saved = (f"  saved for backward {format_bytes(c.saved_before)} -> {format_bytes(c.saved_after)} "
+                     f"{'estimated' if self.estimated else 'measured'}")
+            predicted = []
+            if c.predicted_saved_after is not None:
+                predicted.append(f"formula {format_bytes(c.predicted_saved_after)}")
+            if c.planned_saved_bytes is not None:
+                predicted.append(f"planner {format_bytes(c.planned_saved_bytes)}")
+            lines.append(saved + (f" (predicted: {', '.join(predicted)})" if predicted else ""))
+            if c.recompute_s is not None and c.recompute_fraction is not None:
+                planned = (f"; planner predicted {c.planned_recompute_fraction:.0%} of the chain's forward"
+                           if c.planned_recompute_fraction is not None else "")
+                bound = "at most " if c.recompute_partial else ""
+                lines.append(f"  recompute: {bound}{_format_time(c.recompute_s)} measured forward of the recomputed "
+                             f"blocks = {bound}{c.recompute_fraction:.0%} of a model forward{planned}")
+            if c.reconstruction_error is not None or c.start_error is not None:
+                parts = []
+                if c.reconstruction_error is not None:
+                    parts.append(f"largest reconstruction error {c.reconstruction_error:.2e}")
+                if c.start_error is not None:
+                    parts.append(f"starting point off by {c.start_error:.3g}")
+                lines.append(f"  reversible: {', '.join(parts)} (relative, measured at conversion)")
+        outside_b = self.before.saved_by_block.get("")
+        outside_a = self.after.saved_by_block.get("")
+        if self.chains and outside_b is not None and outside_a is not None:
+            lines.append(f"outside the chains: saved {format_bytes(outside_b)} -> {format_bytes(outside_a)}")
+        return lines
+
+    def plot(self, path: str) -> str:
+        """Write a figure: saved bytes per block before/after, peak by category, and the planner's
+        predicted Pareto curve when the plan has one. Needs matplotlib (``pip install 'revify[plot]'``)."""
+        try:
+            import matplotlib
+        except ImportError:
+            raise ImportError("report.plot needs matplotlib: pip install 'revify[plot]'") from None
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        panels = 3 if self.pareto else 2
+        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
+        largest = max(self.before.param_bytes + self.before.peak_bytes, self.after.param_bytes + self.after.peak_bytes)
+        unit, scale = next((u, 2 ** e) for u, e in (("GiB", 30), ("MiB", 20), ("KiB", 10), ("B", 0))
+                         if largest >= 2 ** e or e == 0)
+        ax = axes[0]
+        labels = [b.path.split(".")[-1] if b.path.split(".")[-1].isdigit() else b.path for b in self.blocks]
+        x = range(len(self.blocks))
+        ax.bar([i - 0.2 for i in x], [b.saved_before / scale for b in self.blocks], 0.4, label="before")
+        ax.bar([i + 0.2 for i in x], [b.saved_after / scale for b in self.blocks], 0.4, label="after")
+        ax.set_xticks(list(x), labels, rotation=90 if len(labels) > 16 else 0, fontsize=7)
+        ax.set_xlabel("block (by chain)")
+        ax.set_ylabel(unit)
+        ax.set_title("saved for backward, per block" + (" (estimated)" if self.estimated else " (measured)"))
+        ax.legend()
+        ax = axes[1]
+        names = ["parameters"] + list(CATEGORIES)  # parameters include buffers
+        bottom = [0.0, 0.0]
+        for name in names:
+            vals = [m.param_bytes / scale if name == "parameters" else m.peak_by_category.get(name, 0) / scale
+                    for m in (self.before, self.after)]
+            ax.bar(["before", "after"], vals, bottom=bottom, label=name)
+            bottom = [s + v for s, v in zip(bottom, vals)]
+        ax.set_ylabel(unit)
+        ax.set_title("memory at the step's peak, by category")
+        ax.legend(fontsize=8)
+        if self.pareto:
+            ax = axes[2]
+            pts = sorted((cost, peak / scale) for _, peak, cost in self.pareto)
+            ax.plot([p[0] * 1e3 for p in pts], [p[1] for p in pts], "o-", label="planner front (predicted)")
+            if self.chosen is not None:
+                ax.plot([self.chosen[1] * 1e3], [self.chosen[0] / scale], "r*", markersize=12, label="this plan")
+            ax.set_xlabel("predicted recompute time (ms)")
+            ax.set_ylabel(f"predicted peak ({unit})")
+            ax.set_title("memory / time trade-off")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
 
 
 def default_loss_fn(out: Any) -> torch.Tensor:
@@ -152,6 +353,120 @@ def _plan_summary(rmodel: Any) -> str:
     return str(plan)
 
 
+@dataclass(frozen=True)
+class _Chain:
+    """A converted chain as the report sees it, from either kind of plan entry."""
+
+    index: int
+    kind: str  # "checkpoint" or "reversible"
+    entry: Any  # ChainPlan or ReversiblePlan
+    paths: tuple[str, ...]
+    block_type: str
+
+    def label(self) -> Any:
+        from revify.passes.predict_memory import ChainLabel
+        return ChainLabel(f"chain {self.index}", self.paths, self.block_type)
+
+    def recomputed(self) -> list[str]:
+        """Blocks whose forward backward runs again."""
+        if self.kind == "reversible":
+            return list(self.paths)
+        inside = {i for s in self.entry.segments for i in range(s.start, s.end)}
+        return [p for i, p in enumerate(self.paths) if i in inside]
+
+    def layout(self) -> str:
+        e = self.entry
+        if self.kind == "checkpoint":
+            segs = ", ".join(s.describe() for s in e.segments) or "none"
+            kept = f"; blocks {e.kept_blocks} keep their activations" if e.kept_blocks else ""
+            return f"segments [{segs}] ({e.schedule} schedule){kept}"
+        anchors = list(e.anchors) or "none"
+        return f"{e.coupling.name}, {len(e.steps)} coupling step(s), anchors at steps {anchors}"
+
+    def strategy(self) -> str:
+        return "checkpoint" if self.kind == "checkpoint" else f"reversible ({self.entry.coupling.name})"
+
+
+def _chains(rmodel: Any) -> list[_Chain]:
+    plan = getattr(rmodel, "revify_plan", None)
+    if plan is None:
+        return []
+    out = []
+    for cp in getattr(plan, "chains", []):
+        blocks = cp.chain.blocks
+        out.append(_Chain(len(out), "checkpoint", cp, tuple(b.path for b in blocks), blocks[0].module_type))
+    for rp in getattr(plan, "reversible", []):
+        blocks = rp.chain.blocks
+        out.append(_Chain(len(out), "reversible", rp, tuple(b.path for b in blocks), blocks[0].module_type))
+    return out
+
+
+def _pareto(rmodel: Any) -> tuple[list[tuple[int, int, float]], tuple[int, float] | None]:
+    plan = getattr(rmodel, "revify_plan", None)
+    budget = getattr(plan, "budget", None)
+    front = getattr(plan, "pareto", None) or getattr(budget, "pareto", None) or []
+    chosen = None
+    if budget is not None and getattr(budget, "predicted_peak", None) is not None:
+        chosen = (int(budget.predicted_peak), float(getattr(budget, "predicted_recompute_s", 0.0) or 0.0))
+    return [(int(b), int(p), float(c)) for b, p, c in front], chosen
+
+
+def build_report(before: StepMeasurement, after: StepMeasurement, rmodel: Any, *, device: str,
+                 estimated: bool, notes: list[str], predict: Callable[[], dict[str, Any]] | None,
+                 eager_formulas: bool, forward: tuple[float, dict[str, float]] | None = None) -> MemoryReport:
+    """Assemble a report from two measurements (real or fake) of the original and converted model."""
+    chains = _chains(rmodel)
+    rows, blocks = [], []
+    for ch in chains:
+        e = ch.entry
+        saved_b = sum(before.saved_by_block.get(p, 0) for p in ch.paths)
+        saved_a = sum(after.saved_by_block.get(p, 0) for p in ch.paths)
+        blocks += [BlockMemory(p, ch.index, before.saved_by_block.get(p, 0), after.saved_by_block.get(p, 0))
+                   for p in ch.paths]
+        fwd = rec = frac = None
+        if forward is not None:
+            total, per_block = forward
+            fwd = sum(per_block.get(p, 0.0) for p in ch.paths)
+            rec = sum(per_block.get(p, 0.0) for p in ch.recomputed())
+            frac = rec / total if total > 0 else None
+        err = start = None
+        if ch.kind == "reversible":
+            err = max((s[2] for s in e.segments), default=None) if e.step_errors else None
+            start = e.start_error
+        rows.append(ChainReport(
+            index=ch.index, strategy=ch.strategy(), blocks=len(ch.paths), block_type=ch.block_type,
+            first=ch.paths[0], last=ch.paths[-1], layout=ch.layout(), saved_before=saved_b, saved_after=saved_a,
+            planned_saved_bytes=getattr(e, "predicted_saved_bytes", None),
+            planned_peak_bytes=getattr(e, "predicted_peak_bytes", None),
+            planned_recompute_fraction=getattr(e, "recompute_fraction", None),
+            forward_s=fwd, recompute_s=rec, recompute_fraction=frac, reconstruction_error=err, start_error=start,
+            recompute_partial=ch.kind == "checkpoint" and any(s.policy != "recompute" for s in e.segments)))
+    pareto, chosen = _pareto(rmodel)
+    rep = MemoryReport(before=before, after=after, plan_summary=_plan_summary(rmodel), notes=notes,
+                       device=device, chains=rows, blocks=blocks, estimated=estimated,
+                       forward_s=forward[0] if forward else None, pareto=pareto, chosen=chosen,
+                       _predict=predict, _labels=[c.label() for c in chains])
+    if predict is not None and eager_formulas:
+        rep.formulas  # noqa: B018  (fits them now)
+    return rep
+
+
+def formula_predictor(model: Any, rmodel: Any, example_inputs: Any, loss_fn: Callable[[Any], torch.Tensor],
+                      paths: list[str]) -> Callable[[], dict[str, Any]]:
+    """A function fitting the before/after formulas (a failure is recorded, not raised)."""
+    def predict() -> dict[str, Any]:
+        from revify.passes.predict_memory import predict_memory
+        out: dict[str, Any] = {}
+        for which, m in (("before", model), ("after", rmodel)):
+            try:
+                out[which] = predict_memory(m, example_inputs, loss_fn, paths)
+            except Exception as exc:  # a model fake tensors cannot run still gets its measured report
+                out[which] = None
+                out[which + "_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return out
+    return predict
+
+
 def report(
     model: Callable[..., Any],
     rmodel: Callable[..., Any],
@@ -159,18 +474,30 @@ def report(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     *,
     repeats: int = 3,
+    device: str | None = None,
+    formulas: bool | None = None,
 ) -> MemoryReport:
-    """Measure ``model`` (before) and ``rmodel`` (after) on ``example_inputs``."""
+    """Measure ``model`` (before) and ``rmodel`` (after) on ``example_inputs``.
+
+    ``device="meta"`` estimates instead, on fake tensors (nothing allocated,
+    nothing timed): for models built on the meta device or too big to run.
+    ``formulas``: None fits the B/S formulas on first use (``formula()``,
+    ``max_batch()``, ``to_json()``), True now, False never.
+    """
     fn = loss_fn if loss_fn is not None else default_loss_fn
-    before = measure_step(model, example_inputs, fn, repeats=repeats)
-    after = measure_step(rmodel, example_inputs, fn, repeats=repeats)
+    if device is not None:
+        if device != "meta":
+            raise ValueError(f"device must be None (measure) or 'meta' (estimate on fake tensors), got {device!r}")
+        from revify.estimate import estimate_report
+        return estimate_report(model, rmodel, example_inputs, fn, formulas=formulas)
+    chains = _chains(rmodel)
+    paths = [p for c in chains for p in c.paths]
+    before = measure_step(model, example_inputs, fn, repeats=repeats, block_paths=paths)
+    after = measure_step(rmodel, example_inputs, fn, repeats=repeats, block_paths=paths)
+    forward = measure_block_times(model, example_inputs, paths, repeats=repeats) if chains else None
     notes: list[str] = []
     if before.saved_bytes and after.saved_bytes > before.saved_bytes:
         notes.append("revified model saves MORE for backward than the original")
-    return MemoryReport(
-        before=before,
-        after=after,
-        plan_summary=_plan_summary(rmodel),
-        notes=notes,
-        device=_device_of(model),
-    )
+    predict = None if formulas is False else formula_predictor(model, rmodel, example_inputs, fn, paths)
+    return build_report(before, after, rmodel, device=_device_of(model), estimated=False, notes=notes,
+                        predict=predict, eager_formulas=bool(formulas), forward=forward)

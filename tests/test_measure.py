@@ -146,3 +146,36 @@ def test_format_bytes() -> None:
     assert format_bytes(2048) == "2.00 KiB"
     assert format_bytes(3 * 1024**2) == "3.00 MiB"
     assert format_bytes(5 * 1024**3) == "5.00 GiB"
+
+
+def test_saved_bytes_are_attributed_to_the_block_that_saved_them() -> None:
+    from revify.measure import measure_training_memory
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False))
+    x = torch.randn(4, 16, requires_grad=True)
+    prof = measure_training_memory(model, (x,), _sq_sum, ["0", "1"])
+    # block 0's mm saves the input x, block 1's its input (block 0's output); pow saves the output
+    assert prof.saved_by_block == {"0": 4 * 16 * 4, "1": 4 * 16 * 4, "": 4 * 16 * 4}
+    assert sum(prof.saved_by_block.values()) == prof.saved_bytes
+
+
+def test_peak_split_by_category_is_the_same_on_fake_tensors() -> None:
+    from revify.measure import measure_training_memory
+    from revify.passes.fake_copy import fake_copy, fake_inputs, new_fake_mode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    x = torch.randn(8, 64)
+    real = measure_training_memory(model, (x,), _sq_sum)
+    assert sum(real.peak_by_category.values()) == real.peak_bytes
+    # the peak comes in the first layer's backward: the last layer's gradients are accumulated by then
+    assert real.peak_by_category["gradients"] == sum(p.numel() * 4 for p in model[2].parameters())
+    assert real.param_bytes == sum(p.numel() * 4 for p in model.parameters())
+    mode = new_fake_mode()
+    fmodel, fx = fake_copy(model, mode), fake_inputs((x,), mode)
+    with mode:
+        fake = measure_training_memory(fmodel, fx, _sq_sum)
+    assert (fake.saved_bytes, fake.peak_bytes, fake.retained_bytes, fake.peak_by_category, fake.param_bytes) == \
+        (real.saved_bytes, real.peak_bytes, real.retained_bytes, real.peak_by_category, real.param_bytes)
+    assert all(p.grad is None for p in model.parameters())
