@@ -12,7 +12,11 @@ Two measurements on the example inputs, both recorded in the plan:
    ``tolerance`` gets an anchor (its exact input is stored in forward from
    then on) and reconstruction continues from the exact value. One pass
    gives the greedy anchor set: segments are as long as the measured error
-   allows, and adapt to where the error actually grows.
+   allows, and adapt to where the error actually grows. The anchors belong
+   to the precision state the conversion ran in (``plan.precision``, e.g.
+   ``"float32"``); the first training step in another state (under
+   ``torch.autocast``) calibrates its own anchors the same way and records
+   them in ``plan.anchor_sets``.
 
 The calibration step restores gradients, buffers and the RNG afterwards.
 
@@ -22,7 +26,8 @@ Before::
 
 After::
 
-    ReversiblePlan(anchors=(4, 8), step_errors=[3e-7, …], start_error=0.021, start_bound=0.31)
+    ReversiblePlan(anchors=(4, 8), step_errors=[3e-7, …], precision="float32",
+                   start_error=0.021, start_bound=0.31)
 """
 from __future__ import annotations
 
@@ -112,12 +117,11 @@ def place_anchors(rmodel: nn.Module, chains: list[ReversibleChain], plans: list[
             for n, b in rmodel.named_buffers():
                 b.copy_(buffers[n])
     for chain, plan, probe in zip(chains, plans, probes):
-        anchors = tuple(sorted(probe.new_anchors))
-        chain.anchors = anchors
-        plan.anchors = anchors
-        n = len(chain.steps)
         if probe.exact:  # the reversible backward ran: nothing to measure if no gradient reaches the chain
-            plan.step_errors = [0.0 if i in anchors else probe.errors.get(i, 0.0) for i in range(n)]
+            found = chain.record_anchors(probe, "example inputs")
+            plan.anchors, plan.step_errors, plan.precision = found.anchors, found.step_errors, found.precision
+        else:  # left uncalibrated: the first training step calibrates (ReversibleChain.run_head)
+            chain.anchors = plan.anchors = ()
 
 
 def calibrate_reversible(model: nn.Module, rmodel: nn.Module, chains: list[ReversibleChain],

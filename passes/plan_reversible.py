@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from revify.runtime.adapter import ADAPTER_INITS
-from revify.runtime.reversible_chain import Coupling
+from revify.runtime.reversible_chain import AnchorSet, Coupling
 
 from .find_chains import Chain, Rejection
 
@@ -86,6 +86,15 @@ class ReversiblePlan:
     start_error: float | None = None  # chain output vs the pretrained chain, eval mode
     start_bound: float | None = None
     output_error: float | None = None  # model output vs the original model, eval mode
+    precision: str | None = None  # the precision state ``anchors`` were calibrated in, e.g. "float32"
+    # anchors for other precision states (autocast), calibrated on the first training step in each;
+    # shared with the runtime chain, which fills it
+    anchor_sets: dict[str, AnchorSet] = field(default_factory=dict)
+    # predictions of the budget planner (strategy="auto")
+    predicted_saved_bytes: int | None = None
+    predicted_peak_bytes: int | None = None
+    predicted_recompute_s: float | None = None
+    recompute_fraction: float | None = None
 
     @property
     def segments(self) -> list[tuple[int, int, float]]:

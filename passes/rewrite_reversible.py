@@ -13,7 +13,7 @@ Before::
 After (``meft1``)::
 
     rmodel.encoder.layer[i].revify_adapter_f     Adapter(768 → 8 → 768), zero output
-    rmodel.encoder.layer[i].revify_adapter_g     Adapter
+    rmodel.encoder.layer[i].revify_adapter_g     Adapter (not on the last block: its G output is dropped)
     rmodel.encoder.layer[0].forward  = ReversibleHead   (runs all 12 couplings)
     rmodel.encoder.layer[1..11].forward = ReversibleRelay
 
@@ -73,7 +73,12 @@ def build_chain(rmodel: nn.Module, plan: ReversiblePlan) -> ReversibleChain:
         i = idx[0]
         block = blocks[i]
         step_buffers = tuple(x for j in idx for x in buffers[j])
-        if name == "meft1":
+        if name == "meft1" and idx == plan.steps[-1]:
+            # the last G would write the stream the chain drops (the function rides on y1):
+            # an adapter there never gets a gradient, which DDP would all-reduce as zeros
+            af = _adapter(block, "revify_adapter_f", dim, plan)
+            steps.append(CouplingStep(WithAdapter(calls[i], af), None, (block, af), (), idx, step_buffers, calls[i]))
+        elif name == "meft1":
             af, ag = _adapter(block, "revify_adapter_f", dim, plan), _adapter(block, "revify_adapter_g", dim, plan)
             steps.append(CouplingStep(WithAdapter(calls[i], af), AdapterCall(ag), (block, af), (ag,), idx,
                                       step_buffers, calls[i]))
@@ -100,7 +105,8 @@ def build_chain(rmodel: nn.Module, plan: ReversiblePlan) -> ReversibleChain:
     random_if_training = not random and not blocks[0].training
     return ReversibleChain(blocks, steps, plan.coupling, slot, random=random,
                            random_if_training=random_if_training, anchors=plan.anchors,
-                           stream_dtype=stream, check_tolerance=check,
+                           precision=plan.precision, anchor_sets=plan.anchor_sets,
+                           tolerance=plan.options.tolerance, stream_dtype=stream, check_tolerance=check,
                            name=f"reversible chain {infos[0].path} … {infos[-1].path}")
 
 

@@ -25,8 +25,9 @@ second time and the saved originals are never modified in place.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -35,6 +36,71 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 import functools
 
 from revify.passes.record_calls import fed_tensor, get_slot, set_slot, side_signature
+
+
+def opaque_to_dynamo(fn: Callable) -> Callable:
+    """Run ``fn`` eagerly under ``torch.compile``: dynamo breaks the graph around it.
+
+    Blocks are recomputed in backward, outside any compiled region, so in eager
+    mode. If dynamo compiled their forward, forward and recompute would run
+    different kernels: inductor draws dropout masks from its own generator
+    (recomputed masks would differ: wrong gradients) and fuses arithmetic
+    (recomputed values would differ in the last bits: checkpoint gradients no
+    longer bit-identical, reversible reconstructions off). Eager on both sides
+    keeps them identical; the rest of the model still compiles.
+    """
+    return torch.compiler.disable(fn, recursive=True)
+
+
+def _fsdp_module_class() -> type | None:
+    # no module can be FSDP2-sharded before torch.distributed.fsdp is imported: skip the import
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return getattr(fsdp, "FSDPModule", None)
+
+
+def unshard_fsdp(modules: Iterable[nn.Module]) -> None:
+    """All-gather the parameters of FSDP2-sharded blocks that revify runs without their ``__call__``.
+
+    A head runs the later blocks of its segment or chain (and backward
+    recomputes them) through their original ``forward``, so FSDP2's
+    pre-forward hook, which unshards parameters, does not fire for them.
+    ``FSDPModule.unshard`` is a no-op for unsharded blocks; FSDP2 reshards them
+    itself (after the relay's forward, and in its post-backward callback,
+    which also reduce-scatters their gradients).
+    """
+    cls = _fsdp_module_class()
+    if cls is not None:
+        for m in modules:
+            if isinstance(m, cls):
+                m.unshard()
+
+
+def reshard_fsdp(modules: Iterable[nn.Module]) -> None:
+    cls = _fsdp_module_class()
+    if cls is not None:
+        for m in modules:
+            if isinstance(m, cls):
+                m.reshard()
+
+
+def is_fed(value: Any, expected: torch.Tensor) -> bool:
+    """``value`` is ``expected``, or FSDP2's pass-through alias of it.
+
+    FSDP2 routes every grad-requiring input of a sharded module through an
+    identity autograd Function (``RegisterPostBackwardFunction``) whose
+    backward only triggers its gradient reduction: same storage and values,
+    gradient passed unchanged. Any other alias (a view, a custom Function that
+    could change the gradient) does not count.
+    """
+    if value is expected:
+        return True
+    fn = getattr(value, "grad_fn", None)
+    cls = getattr(fn, "_forward_cls", None)
+    return (cls is not None and cls.__name__ == "RegisterPostBackwardFunction"
+            and cls.__module__.startswith("torch.distributed.fsdp")
+            and any(f is expected.grad_fn for f, _ in fn.next_functions)
+            and value.data_ptr() == expected.data_ptr() and value.shape == expected.shape
+            and value.stride() == expected.stride() and value.dtype == expected.dtype)
 
 
 def original_forward(module: nn.Module) -> Callable:
@@ -166,6 +232,7 @@ class CheckpointSegment:
         if state.calls == 1:
             state.buffers_before = [m._buffers[n].detach().clone() for m, n in self.mutated_buffers]
         first_run = state.calls == 1
+        unshard_fsdp(self.blocks)  # blocks after the first (and all of them in recompute) run without hooks
         with self._buffers_swapped(state.buffers_before) if not first_run else _nothing():
             outputs = [self.forwards[0](*args, **kwargs)]
             for fwd in self.forwards[1:]:
@@ -183,7 +250,7 @@ class CheckpointSegment:
         if not isinstance(get_slot(args, kwargs, self.hidden_slot), torch.Tensor):
             # called differently from the recorded call: this block alone, checkpointed
             self.fallback_calls += 1
-            return _checkpoint(self.forwards[0], self.policy, *args, **kwargs)
+            return _checkpoint(functools.partial(self._run_one, 0), self.policy, *args, **kwargs)
         state = _RunState()
         outputs = _checkpoint(functools.partial(self._run_all, state), self.policy, *args, **kwargs)
         if len(outputs) > 1:
@@ -195,7 +262,7 @@ class CheckpointSegment:
         pending = self.pending
         if pending is not None and pending.outputs[k] is not None:
             expected, _ = fed_tensor(pending.outputs[k - 1])
-            if (get_slot(args, kwargs, self.hidden_slot) is expected
+            if (is_fed(get_slot(args, kwargs, self.hidden_slot), expected)
                     and expected._version == pending.versions[k - 1]
                     and side_signature(args, kwargs, self.hidden_slot) == pending.side):
                 out = pending.outputs[k]
@@ -213,7 +280,11 @@ class CheckpointSegment:
         if not torch.is_grad_enabled():
             return self.forwards[k](*args, **kwargs)
         self.fallback_calls += 1
-        return _checkpoint(self.forwards[k], self.policy, *args, **kwargs)
+        return _checkpoint(functools.partial(self._run_one, k), self.policy, *args, **kwargs)
+
+    def _run_one(self, k: int, *args: Any, **kwargs: Any) -> Any:
+        unshard_fsdp((self.blocks[k],))  # recompute in backward runs without the block's hooks
+        return self.forwards[k](*args, **kwargs)
 
 
 @contextmanager
@@ -229,6 +300,7 @@ class SegmentHead:
     def __init__(self, segment: CheckpointSegment):
         self.segment = segment
 
+    @opaque_to_dynamo
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.segment.run_head(*args, **kwargs)
 
@@ -242,5 +314,6 @@ class SegmentRelay:
         self.segment = segment
         self.index = index
 
+    @opaque_to_dynamo
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.segment.run_relay(self.index, *args, **kwargs)

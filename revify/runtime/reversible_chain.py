@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from revify.passes.record_calls import get_slot, set_slot, side_signature
+from revify.runtime.checkpoint_segment import is_fed, opaque_to_dynamo, reshard_fsdp, unshard_fsdp
 
 
 class ReconstructionError(RuntimeError):
@@ -159,6 +160,33 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return (approx.detach().double() - exact64).norm().item() / max(denom, 1e-30)
 
 
+def precision_state(x: torch.Tensor) -> str:
+    """The precision the blocks compute in, as a label: ``"float32"``, ``"float32, autocast cpu bfloat16"``.
+
+    Reconstruction error depends on it (bf16 recompute noise is ~1000× fp32's), so anchors are
+    kept per precision state.
+    """
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return f"{str(x.dtype).removeprefix('torch.')}, autocast {device} " \
+               f"{str(torch.get_autocast_dtype(device)).removeprefix('torch.')}"
+    return str(x.dtype).removeprefix("torch.")
+
+
+@dataclass
+class AnchorSet:
+    """Anchors calibrated for one precision state, and the reconstruction error they achieved."""
+
+    precision: str
+    anchors: tuple[int, ...]
+    step_errors: list[float]  # per step: relative error of its reconstructed input (0 at anchors)
+    calibrated_on: str  # "example inputs" (conversion) or "first training step"
+
+    @property
+    def max_error(self) -> float:
+        return max(self.step_errors, default=0.0)
+
+
 @dataclass
 class Probe:
     """Compares reconstructed streams with exact ones, for checking or calibration.
@@ -173,6 +201,8 @@ class Probe:
     errors: dict[int, float] = field(default_factory=dict)  # step → error of its reconstructed input
     new_anchors: set[int] = field(default_factory=set)
     exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    precision: str | None = None  # the precision state the probed run ran in (``precision_state``)
+    auto: bool = False  # started by the chain itself: its backward records the anchors it finds
 
     def visit(self, step: int, which: int, approx: torch.Tensor, where: str) -> torch.Tensor:
         exact = self.exact[step][which]
@@ -253,7 +283,9 @@ class ReversibleChain:
                  coupling: Coupling, hidden_slot: tuple[str, Any], *, random: bool,
                  random_if_training: bool = False,
                  anchors: tuple[int, ...] = (), stream_dtype: torch.dtype | None = None,
-                 check_tolerance: float | None = None, name: str = ""):
+                 check_tolerance: float | None = None, name: str = "",
+                 tolerance: float | None = None, precision: str | None = None,
+                 anchor_sets: dict[str, AnchorSet] | None = None):
         self.blocks = blocks
         self.steps = steps
         self.coupling = coupling
@@ -261,6 +293,11 @@ class ReversibleChain:
         self.random = random
         self.random_if_training = random_if_training  # not seen random at conversion, but it was in eval
         self.anchors = tuple(sorted(anchors))
+        self.precision = precision  # the precision state ``anchors`` were calibrated in (None: unknown)
+        # anchors for other precision states, found on the first training step in each (shared
+        # with the plan, which reports them); None tolerance: no automatic calibration
+        self.anchor_sets: dict[str, AnchorSet] = {} if anchor_sets is None else anchor_sets
+        self.tolerance = tolerance
         self.stream_dtype = stream_dtype
         self.check_tolerance = check_tolerance  # debug mode: compare every reconstruction
         self.name = name
@@ -291,6 +328,24 @@ class ReversibleChain:
             for p in _params(s.f_modules) + _params(s.g_modules):
                 seen.setdefault(id(p), p)
         return list(seen.values())
+
+    def anchors_for(self, precision: str) -> tuple[int, ...] | None:
+        """Anchors calibrated for ``precision``; None if that state was never calibrated."""
+        if precision == self.precision:
+            return self.anchors
+        found = self.anchor_sets.get(precision)
+        return None if found is None else found.anchors
+
+    def record_anchors(self, probe: Probe, calibrated_on: str) -> AnchorSet:
+        """Keep the anchors a calibrating probe found, for the precision state it ran in."""
+        anchors = tuple(sorted(probe.new_anchors))
+        errors = [0.0 if i in anchors else probe.errors.get(i, 0.0) for i in range(len(self.steps))]
+        found = AnchorSet(probe.precision or "unknown", anchors, errors, calibrated_on)
+        if calibrated_on == "example inputs":  # at conversion: the chain's own anchors
+            self.anchors, self.precision = anchors, found.precision
+        else:
+            self.anchor_sets[found.precision] = found
+        return found
 
     def start_point(self, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[float, float, list[float]]:
         """Chain output against the pretrained blocks, and the bound the scaling implies.
@@ -365,6 +420,7 @@ class ReversibleChain:
         dy1, dy2 = (d2, d1) if c.switch else (d1, d2)
         probe = run.probe
         where = self.name or "reversible chain"
+        unshard_fsdp(self.blocks[b] for b in step.blocks)  # FSDP2: gathered again for the recompute
         with _swapped(step.buffers, buffers):
             # a None gradient means none flows (an unused output): skip that
             # backward, so unused parameters get None as under plain autograd
@@ -410,6 +466,9 @@ class ReversibleChain:
                 x1 = (y1 - f.detach()) if c.lam == 1 else (y1 - f.detach()) / c.lam
                 if probe is not None:
                     x1 = probe.visit(i, 0, x1, where)
+        # FSDP2: free the gathered parameters now; their gradients (returned by the Function)
+        # still reach the unsharded parameters, which FSDP2's post-backward callback reduces
+        reshard_fsdp(self.blocks[b] for b in step.blocks)
         dx1 = a if a is None or c.lam == 1 else c.lam * a
         dx2 = dy2 if dy2 is None or c.beta == 1 else c.beta * dy2
         dx2 = _add(dx2, dx2_f)
@@ -430,13 +489,22 @@ class ReversibleChain:
                                "states); reversible chains pass gradients only to the hidden state. "
                                "Convert with strategy='checkpoint' instead")
         cdt = x.dtype
-        run = _Run(spec, cdt, self.stream_dtype or stream_dtype_for(cdt), x.device,
-                   _autocast_state(), self.anchors,
-                   self.random or (self.random_if_training and self.blocks[0].training), probe=self.probe)
+        unshard_fsdp(self.blocks)  # FSDP2: the later blocks run here, not through their hooks
         params = [p for p in self.parameters() if p.requires_grad]
-        if self.check_tolerance is not None and run.probe is None:
-            run.probe = Probe("check", self.check_tolerance)
-        if torch.is_grad_enabled() and not self.stored and (x.requires_grad or params):
+        reversible = torch.is_grad_enabled() and not self.stored and (x.requires_grad or params)
+        precision = precision_state(x)
+        probe, anchors = self.probe, self.anchors_for(precision)
+        if probe is not None:  # calibration at conversion: find every anchor afresh
+            probe.precision, anchors = precision, ()
+        elif anchors is None and reversible and self.tolerance is not None:
+            # a precision state not calibrated yet: this step stores the streams and places anchors
+            probe, anchors = Probe("calibrate", self.tolerance, precision=precision, auto=True), ()
+        elif self.check_tolerance is not None:
+            probe = Probe("check", self.check_tolerance)
+        run = _Run(spec, cdt, self.stream_dtype or stream_dtype_for(cdt), x.device,
+                   _autocast_state(), self.anchors if anchors is None else anchors,
+                   self.random or (self.random_if_training and self.blocks[0].training), probe=probe)
+        if reversible:
             outs = _ReversibleFunction.apply(self, run, x, leaves, *params)
             out, mids = outs[0], list(outs[1:])
         else:
@@ -457,7 +525,7 @@ class ReversibleChain:
         if pending is not None and pending[k] is not None:
             side, versions = self.pending_check
             expected = pending[k - 1]
-            if (get_slot(args, kwargs, self.hidden_slot) is expected and expected._version == versions[k - 1]
+            if (is_fed(get_slot(args, kwargs, self.hidden_slot), expected) and expected._version == versions[k - 1]
                     and side_signature(args, kwargs, self.hidden_slot) == side):
                 out = pending[k]
                 if k == len(self.blocks) - 1:
@@ -574,6 +642,9 @@ class _ReversibleFunction(torch.autograd.Function):
             dx = dx.to(ctx.input_dtype)
         else:
             dx = None
+        if run.probe is not None and run.probe.auto:
+            chain.record_anchors(run.probe, "first training step")
+            run.probe.exact = {}  # the streams stored for this one step
         param_grads = [grads.get(j) for j in range(len(ctx.params))]
         return (None, None, dx, None, *param_grads)
 
@@ -586,6 +657,7 @@ class ReversibleHead:
     def __init__(self, chain: ReversibleChain):
         self.chain = chain
 
+    @opaque_to_dynamo
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.chain.run_head(*args, **kwargs)
 
@@ -599,6 +671,7 @@ class ReversibleRelay:
         self.chain = chain
         self.index = index
 
+    @opaque_to_dynamo
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.chain.run_relay(self.index, *args, **kwargs)
 
