@@ -119,6 +119,9 @@ def find_chains(model: nn.Module, trace: CallTrace) -> ChainAnalysis:
                 bg, spine = graphs[key]
                 buffers = _descendant_buffers(trace, rec)
                 legality = check_legality(rec, trace.call_counts.get(rec.path, 1), bg, spine, buffers)
+                installed = model.get_submodule(rec.path).__dict__.get("forward")
+                if getattr(installed, "revify_installed", False):
+                    legality = Legality(False, ("already converted by revify",) + legality.reasons, legality.notes)
                 info = BlockInfo(rec.path, rec.module_type, rec, bg.engine,
                                  spine.describe() if spine else f"unknown ({bg.reason})",
                                  len(spine.sublayers) if spine else 0, legality, tuple(buffers))

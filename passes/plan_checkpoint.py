@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from .find_chains import Chain
 
 POLICIES = ("recompute", "save_matmuls")
-SCHEDULES = ("sqrt(n)", "per-block")
+SCHEDULES = ("sqrt(n)", "per-block", "budget")  # "budget": plan_budget
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ class ChainPlan:
     chain: Chain
     segments: tuple[Segment, ...]  # blocks in no segment keep their activations
     schedule: str = "sqrt(n)"  # how the segments were chosen
+    # predictions of the budget planner (None for the fixed schedules)
+    predicted_saved_bytes: int | None = None  # what the chain keeps for backward
+    predicted_peak_bytes: int | None = None  # the step's peak
+    predicted_recompute_s: float | None = None
+    recompute_fraction: float | None = None  # recompute time / the chain's forward time
 
     @property
     def block_paths(self) -> list[str]:

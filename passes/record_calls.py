@@ -136,6 +136,13 @@ class _RandomOpWatcher(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return torch.equal(a, b)
+    except Exception:  # fake or meta tensors hold no values (memory estimates): the version counter decides
+        return True
+
+
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
     """Call ``model`` the way the user would: tuple → *args, dict → **kwargs."""
     if isinstance(example_inputs, dict):
@@ -151,7 +158,7 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
     stack: list[CallRecord] = []
     keep_alive: list[Any] = []  # ids are only meaningful while the objects live
     counts: dict[str, int] = {}
-    seen_types: set[str] = set()
+    seen_types: set[tuple] = set()
     pending_versions: dict[int, tuple[dict, list]] = {}
     handles = []
     names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
@@ -161,8 +168,12 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
         counts[path] = counts.get(path, 0) + 1
         slot = _first_tensor_slot(args, kwargs)
         hidden = get_slot(args, kwargs, slot) if slot else None
-        first_of_type = type(module).__name__ not in seen_types
-        seen_types.add(type(module).__name__)
+        # arguments are kept for the first call of each kind of call, so that every
+        # chain (a ResNet stage after another of the same block type) can be captured
+        side = side_signature(args, kwargs, slot)
+        kind = (type(module).__name__, tuple(hidden.shape) if hidden is not None else None, side)
+        first_of_type = kind not in seen_types
+        seen_types.add(kind)
         rec = CallRecord(
             index=len(calls), path=path, module_type=type(module).__name__,
             parent=stack[-1].index if stack else None, hidden_slot=slot,
@@ -171,7 +182,7 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
             hidden_in_id=id(hidden) if hidden is not None else None,
             hidden_in_version=hidden._version if hidden is not None else None,
             feed_index=None, hidden_out_shape=None, hidden_out_dtype=None, hidden_out_id=None,
-            side_signature=side_signature(args, kwargs, slot),
+            side_signature=side,
             example_args=args if first_of_type else None,
             example_kwargs=dict(kwargs) if first_of_type else None,
         )
@@ -197,7 +208,7 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
         buf_versions, in_versions = pending_versions.pop(rec.index)
         rec.mutated_buffers = [n for n, b in module.named_buffers(recurse=False)
                                if n not in buf_versions or buf_versions[n][0] != b._version
-                               or not torch.equal(buf_versions[n][1], b)]
+                               or not _same_values(buf_versions[n][1], b)]
         rec.mutated_inputs = any(t._version != v for t, v in in_versions)
 
     for module in dict.fromkeys(names):  # each module object once

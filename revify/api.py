@@ -10,13 +10,15 @@ planning or calibrating again.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from revify.passes.calibrate_reversible import calibrate_reversible
 from revify.passes.capture import capture_regions
 from revify.passes.find_chains import find_chains
+from revify.passes.plan_budget import BudgetError, plan_budget
 from revify.passes.plan_checkpoint import SCHEDULES, plan_checkpoint
 from revify.passes.plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
 from revify.passes.record_calls import CallTrace, call_model, record_calls  # noqa: F401  (call_model: tests)
@@ -24,12 +26,17 @@ from revify.passes.rewrite_checkpoint import rewrite_checkpoint, share_structure
 from revify.passes.rewrite_reversible import rewrite_reversible
 from revify.plan import Plan
 from revify.runtime.reversible_chain import stored_activations  # noqa: F401  (public)
+from revify.units import parse_bytes
 
-STRATEGIES = ("checkpoint", "reversible")
+STRATEGIES = ("checkpoint", "reversible", "auto")
 
 
 class RevifyError(RuntimeError):
     """Conversion failed and ``strict=True`` was asked for."""
+
+
+__all__ = ["revify", "inspect", "analyse", "analyse_model", "convert", "RevifyError", "BudgetError",
+           "stored_activations"]
 
 
 def analyse_model(model: nn.Module, example_inputs: Any, strategy: str) -> tuple[Plan, CallTrace | None, Any]:
@@ -50,37 +57,74 @@ def analyse_model(model: nn.Module, example_inputs: Any, strategy: str) -> tuple
     return plan, trace, analysis
 
 
+def _resolve_schedule(strategy: str, schedule: str | None, memory_budget: Any) -> str:
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if strategy == "reversible":
+        if memory_budget is not None or schedule is not None:
+            raise ValueError("strategy='reversible' converts every chain; for a memory budget use "
+                             "strategy='auto' (the planner chooses reversible chains where they pay)")
+        return "reversible"
+    if memory_budget is not None and schedule not in (None, "budget"):
+        raise ValueError(f"memory_budget needs the budget planner; schedule={schedule!r} is a fixed schedule")
+    if strategy == "auto" and schedule not in (None, "budget"):
+        raise ValueError("strategy='auto' is the budget planner; fixed schedules need strategy='checkpoint'")
+    return schedule or "budget"
+
+
 def _analyse(model: nn.Module, example_inputs: Any, strategy: str, options: ReversibleOptions | None,
-             schedule: str = "sqrt(n)") -> tuple[Plan, CallTrace | None]:
+             schedule: str = "sqrt(n)", memory_budget: Any = None,
+             loss_fn: Callable[[Any], torch.Tensor] | None = None,
+             budget_for: str = "peak") -> tuple[Plan, CallTrace | None]:
     plan, trace, analysis = analyse_model(model, example_inputs, strategy)
     if analysis is None:
         return plan, trace
-    if strategy == "checkpoint":
-        plan.chains = [plan_checkpoint(c, schedule) for c in analysis.chains]
-    else:
+    options = options or ReversibleOptions()
+    if strategy == "reversible":
         for chain in analysis.chains:
-            decided = plan_reversible(chain, options or ReversibleOptions())
+            decided = plan_reversible(chain, options)
             if isinstance(decided, ReversiblePlan):
                 plan.reversible.append(decided)
             else:
                 plan.rejections.append(decided)
+    elif schedule == "budget":
+        if analysis.chains:
+            budget = None if memory_budget is None else parse_bytes(memory_budget)
+            decided = plan_budget(model, list(analysis.chains), example_inputs, budget,
+                                  allow_reversible=strategy == "auto", reversible_options=options, loss_fn=loss_fn,
+                                  budget_for=budget_for)
+            plan.chains, plan.reversible, plan.budget = decided.chains, decided.reversible, decided
+    else:
+        plan.chains = [plan_checkpoint(c, schedule) for c in analysis.chains]
     return plan, trace
 
 
-def analyse(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", schedule: str = "sqrt(n)",
+def analyse(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", schedule: str | None = None,
+            memory_budget: Any = None, loss_fn: Callable[[Any], torch.Tensor] | None = None,
             **reversible_options: Any) -> Plan:
     """Run capture and the analyses; return the plan without converting."""
-    options = ReversibleOptions(**reversible_options)
-    options.validate()
-    return _analyse(model, example_inputs, strategy, options, schedule)[0]
+    schedule = _resolve_schedule(strategy, schedule, memory_budget)
+    options = _options(strategy, **reversible_options)
+    return _analyse(model, example_inputs, strategy, options, schedule, memory_budget, loss_fn)[0]
 
 
 def inspect(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", *, file=None,
-            schedule: str = "sqrt(n)", **reversible_options: Any) -> Plan:
+            schedule: str | None = None, memory_budget: Any = None, **reversible_options: Any) -> Plan:
     """Print the blocks and chains revify finds, and what it would do with each."""
-    plan = analyse(model, example_inputs, strategy, schedule, **reversible_options)
+    plan = analyse(model, example_inputs, strategy, schedule, memory_budget, **reversible_options)
     print(plan.summary(), file=file)
     return plan
+
+
+def _options(strategy: str, freeze_backbone: bool | None = None, check_reconstruction: bool | None = None,
+             **kw: Any) -> ReversibleOptions:
+    if freeze_backbone is None:  # the planner must not change what trains; reversible fine-tuning does
+        freeze_backbone = strategy == "reversible"
+    if check_reconstruction is None:
+        check_reconstruction = os.environ.get("REVIFY_CHECK_RECONSTRUCTION", "") not in ("", "0")
+    options = ReversibleOptions(freeze_backbone=freeze_backbone, check_reconstruction=check_reconstruction, **kw)
+    options.validate()
+    return options
 
 
 def convert(model: nn.Module, plan: Plan, trace: CallTrace | None, example_inputs: Any, *,
@@ -92,7 +136,7 @@ def convert(model: nn.Module, plan: Plan, trace: CallTrace | None, example_input
     a module that behaves exactly like ``model`` with the reason in the plan
     (or raises ``RevifyError`` with ``strict``).
     """
-    if strict and not plan.converted:
+    if strict and not plan.planned:
         raise RevifyError(plan.summary())
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -112,48 +156,63 @@ def convert(model: nn.Module, plan: Plan, trace: CallTrace | None, example_input
         if strict:
             raise RevifyError(plan.summary()) from exc
         rmodel = share_structure(model)
-    if strict and not plan.converted:
+    if strict and not plan.planned:
         raise RevifyError(plan.summary())
     rmodel.revify_plan = plan
     return rmodel
 
 
 def revify(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", *,
-           schedule: str = "sqrt(n)", strict: bool = False, coupling: str = "meft1",
-           lam: float | None = None, beta: float | None = None,
-           adapter_rank: int = 8, adapter_init: str = "zero", freeze_backbone: bool = True,
+           memory_budget: int | str | None = None, budget_for: str = "peak", schedule: str | None = None,
+           loss_fn: Callable[[Any], torch.Tensor] | None = None, strict: bool = False,
+           coupling: str = "meft1", lam: float | None = None, beta: float | None = None,
+           adapter_rank: int = 8, adapter_init: str = "zero", freeze_backbone: bool | None = None,
            tolerance: float = 1e-4, stream_dtype: str | None = None,
            check_reconstruction: bool | None = None) -> nn.Module:
     """Return a module that trains with less activation memory.
 
     ``strategy="checkpoint"``: the same function, gradients bit-identical,
-    blocks recomputed in backward (``schedule`` = ``"sqrt(n)"`` segments or
-    ``"per-block"``). The result shares parameters and buffers with
-    ``model`` and ``model`` itself is not modified.
+    blocks recomputed in backward. The budget planner measures every block
+    and one step on ``example_inputs`` and chooses, per block, to keep its
+    activations, recompute it in a segment, or recompute all but its matmul
+    outputs, so that the predicted peak fits ``memory_budget`` (bytes, or a
+    string such as ``"6GiB"``) with the least recompute time; without a
+    budget it takes the least memory it can reach, then the least recompute.
+    The budget bounds the step's peak (activations, gradients, temporaries;
+    not parameters or optimizer state), or with ``budget_for="activations"``
+    the bytes kept for backward when the forward ends.
+    ``schedule="sqrt(n)"`` or ``"per-block"`` use a fixed schedule instead.
+    An infeasible budget raises ``BudgetError`` with the smallest feasible
+    one. ``loss_fn(output)`` is the loss of the measured step (default: mean
+    square of the logits or first output). The result shares parameters and
+    buffers with ``model`` and ``model`` itself is not modified.
 
     ``strategy="reversible"``: chains of blocks become two-stream reversible
     couplings (``coupling`` = meft1, meft2, meft3 or revnet) whose
     activations are reconstructed from outputs in backward. This changes the
     architecture: adapters are added, the output matches the original only
     approximately (the plan reports the measured error and its bound), and
-    with ``freeze_backbone`` every pretrained parameter except the task head
-    gets ``requires_grad=False`` — on the parameters shared with ``model``.
-    Anchors are placed so the reconstruction error measured on
+    with ``freeze_backbone`` (default here) every pretrained parameter except
+    the task head gets ``requires_grad=False`` — on the parameters shared
+    with ``model``. Anchors are placed so the reconstruction error measured on
     ``example_inputs`` stays within ``tolerance`` (relative).
     ``check_reconstruction`` (or ``REVIFY_CHECK_RECONSTRUCTION=1``) compares
     every reconstruction against stored activations while training and raises
     ``ReconstructionError`` naming the block; it stores everything, so use it
     to debug only.
 
+    ``strategy="auto"``: the budget planner may also make whole chains
+    reversible (an architecture change, with the coupling options above)
+    where checkpointing alone cannot reach the budget or costs more
+    recompute. ``freeze_backbone`` defaults to False here, so the planner
+    does not change which parameters train.
+
     If nothing can be converted, the result behaves exactly like ``model``
     and ``result.revify_plan`` says why; with ``strict=True`` that raises.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if check_reconstruction is None:
-        check_reconstruction = os.environ.get("REVIFY_CHECK_RECONSTRUCTION", "") not in ("", "0")
-    options = ReversibleOptions(coupling, lam, beta, adapter_rank, adapter_init, freeze_backbone,
-                                tolerance, stream_dtype, check_reconstruction)
-    options.validate()
-    plan, trace = _analyse(model, example_inputs, strategy, options, schedule)
+    schedule = _resolve_schedule(strategy, schedule, memory_budget)
+    options = _options(strategy, coupling=coupling, lam=lam, beta=beta, adapter_rank=adapter_rank,
+                       adapter_init=adapter_init, freeze_backbone=freeze_backbone, tolerance=tolerance,
+                       stream_dtype=stream_dtype, check_reconstruction=check_reconstruction)
+    plan, trace = _analyse(model, example_inputs, strategy, options, schedule, memory_budget, loss_fn, budget_for)
     return convert(model, plan, trace, example_inputs, strict=strict)

@@ -7,11 +7,13 @@ and why everything else was left alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from revify.passes.capture import Region
 from revify.passes.find_chains import Rejection
 from revify.passes.plan_checkpoint import ChainPlan
 from revify.passes.plan_reversible import ReversiblePlan
+from revify.units import format_bytes
 
 
 @dataclass
@@ -22,9 +24,16 @@ class Plan:
     regions: list[Region] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # why nothing was converted, if so
+    budget: Any = None  # the budget planner's BudgetPlan: budget, predicted peak, Pareto front
 
     @property
     def converted(self) -> bool:
+        """Whether the converted module differs from the original at all."""
+        return bool(self.reversible) or any(cp.segments for cp in self.chains)
+
+    @property
+    def planned(self) -> bool:
+        """Whether some chain was decided on (a budget may keep a chain's activations)."""
         return bool(self.chains or self.reversible)
 
     def summary(self) -> str:
@@ -43,6 +52,14 @@ class Plan:
                 if r.residual_adds:
                     lines.append(f"    fx {r.path or '<root>'} ({r.module_type}): "
                                  f"{r.residual_adds} residual sub-layer(s) x + f(x) in its graph")
+        if self.budget is not None:
+            b = self.budget
+            extra = f", {b.predicted_recompute_s / b.forward_s:.0%} of a forward" if b.forward_s else ""
+            kind = "peak" if b.budget_for == "peak" else "activations kept for backward"
+            lines.append(f"  budget {format_bytes(b.budget)}: predicted {kind} {format_bytes(b.predicted_peak)}, "
+                         f"recompute {b.predicted_recompute_s * 1e3:.1f} ms{extra} "
+                         f"(smallest feasible {format_bytes(b.smallest_budget)}; predicted from measured block "
+                         "costs and one measured step)")
         for i, cp in enumerate(self.chains):
             blocks = cp.chain.blocks
             lines.append(f"  chain {i}: {len(blocks)} × {blocks[0].module_type} in "
@@ -51,14 +68,19 @@ class Plan:
             segs = ", ".join(s.describe() for s in cp.segments)
             kept = f"; blocks {cp.kept_blocks} keep their activations" if cp.kept_blocks else ""
             lines.append(f"    checkpoint: {len(cp.segments)} segment(s) [{segs}] ({cp.schedule} schedule){kept}")
+            if cp.predicted_saved_bytes is not None:
+                lines.append(f"    predicted: keeps {format_bytes(cp.predicted_saved_bytes)} for backward, "
+                             f"recomputes {cp.recompute_fraction:.0%} of its forward")
             for note in dict.fromkeys(n for b in blocks for n in b.legality.notes):
                 lines.append(f"    note: {note}")
         for rp in self.reversible:
             lines += _reversible_lines(rp, len(self.chains) + self.reversible.index(rp))
         for rej in self.rejections:
             lines.append(f"  rejected {rej.where}: {rej.reason}")
-        if not self.converted and not self.errors:
+        if not self.planned and not self.errors:
             lines.append("  no convertible chain of blocks found; module left unchanged")
+        elif not self.converted and not self.errors:
+            lines.append("  every chain keeps its activations: the plan already fits; module left unchanged")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -76,9 +98,13 @@ def _reversible_lines(rp: ReversiblePlan, i: int) -> list[str]:
     if rp.step_errors:
         segs = ", ".join(f"{a}-{b - 1} (err {e:.1e})" for a, b, e in rp.segments)
         lines.append(f"    anchors at steps {list(rp.anchors) or 'none'}; reversible segments {segs}; "
-                     f"tolerance {rp.options.tolerance:g} (measured on the example inputs)")
+                     f"tolerance {rp.options.tolerance:g} (measured on the example inputs"
+                     + (f", {rp.precision})" if rp.precision else ")"))
     else:
         lines.append("    anchors: not calibrated (no gradient reached the chain on the example inputs)")
+    for found in rp.anchor_sets.values():
+        lines.append(f"    under {found.precision}: anchors at steps {list(found.anchors) or 'none'}, "
+                     f"max reconstruction error {found.max_error:.1e} (calibrated on the {found.calibrated_on})")
     if rp.start_error is not None:
         bound = "function not preserved (trains from scratch)" if rp.start_bound is None \
             else f"bound from the scaling {rp.start_bound:.3g}"

@@ -123,7 +123,9 @@ def _inspect(model, x):
 
 
 def test_chain_found_and_segmented():
-    plan, text = _inspect(Stack(Plain, n=9), torch.randn(2, 8))
+    buf = io.StringIO()
+    plan = revify.inspect(Stack(Plain, n=9), (torch.randn(2, 8),), file=buf, schedule="sqrt(n)")
+    text = buf.getvalue()
     assert len(plan.chains) == 1
     assert [(s.start, s.end) for s in plan.chains[0].segments] == [(0, 3), (3, 6), (6, 9)]
     assert "9 × Plain" in text

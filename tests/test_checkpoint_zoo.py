@@ -16,14 +16,15 @@ def _step(model, case):
     return value, grads
 
 
+@pytest.mark.parametrize("schedule", ["budget", "per-block"])
 @pytest.mark.parametrize("name", sorted(ALL_CASES))
-def test_checkpoint_matches_original_exactly(name):
+def test_checkpoint_matches_original_exactly(name, schedule):
     case = ALL_CASES[name]()
     original = case.model
     twin = copy.deepcopy(original)  # separate buffers: BatchNorm statistics compared after one step
-    rmodel = revify.revify(twin, case.example_inputs, strategy="checkpoint")
+    rmodel = revify.revify(twin, case.example_inputs, strategy="checkpoint", schedule=schedule)
     plan = rmodel.revify_plan
-    assert plan.converted, plan.summary()
+    assert plan.converted if schedule == "per-block" else plan.planned, plan.summary()
     n_chain_blocks = sum(len(c.chain.blocks) for c in plan.chains)
     assert n_chain_blocks >= 2
 
@@ -40,9 +41,18 @@ def test_checkpoint_matches_original_exactly(name):
     for (na, ba), (nb, bb) in zip(original.named_buffers(), twin.named_buffers()):
         assert na == nb and torch.equal(ba, bb), na
 
-    saved_plain, _ = measure_saved_bytes(original, case.example_inputs, case.loss_fn)
-    saved_ckpt, _ = measure_saved_bytes(rmodel, case.example_inputs, case.loss_fn)
-    assert saved_ckpt < saved_plain
+    if schedule == "per-block":
+        saved_plain, _ = measure_saved_bytes(original, case.example_inputs, case.loss_fn)
+        saved_ckpt, _ = measure_saved_bytes(rmodel, case.example_inputs, case.loss_fn)
+        assert saved_ckpt < saved_plain
+    else:
+        # the planner minimises the step's peak: never above plain training's, and as
+        # predicted (its model rounds boundary tensors up, so it errs high)
+        peak_plain, _ = measure_memory(original, case.example_inputs, case.loss_fn)
+        peak, _ = measure_memory(rmodel, case.example_inputs, case.loss_fn)
+        assert peak <= peak_plain
+        predicted = plan.budget.predicted_peak
+        assert abs(predicted - peak) <= 0.1 * peak, (predicted, peak)
 
 
 def test_original_module_is_untouched():

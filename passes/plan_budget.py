@@ -1,0 +1,253 @@
+"""Pass 9: choose, per chain and per block, how to fit a memory budget with the least recompute.
+
+Pipeline of the planner (each step its own file):
+
+1. ``profile_blocks``: each distinct block measured standalone (bytes kept,
+   transients, gradients, forward time, what selective checkpointing keeps);
+2. ``profile_step``: one step of a reference conversion (every block
+   checkpointed alone) measured phase by phase around the chains;
+3. ``chain_costs``: options per stretch of blocks (keep, recompute,
+   save_matmuls, reversible), with the memory each adds and needs;
+4. ``solve_schedule``: the exact DP for the least recompute under the budget.
+
+The budget is the predicted peak of one training step's tensors above what
+lives before it (parameters, buffers, inputs, optimizer state): activations,
+gradients and temporaries — what ``revify.measure`` measures as peak.
+
+Before::
+
+    chains=[Chain(bert.encoder, 12 blocks)], memory_budget=300 MiB
+
+After::
+
+    BudgetPlan(chains=[ChainPlan(segments=(Segment(0, 5), Segment(5, 11, "save_matmuls")),
+                                 schedule="budget", …)],          # block 11 keeps its activations
+               predicted_peak=297 MiB, predicted_recompute_s=0.41, smallest_budget=212 MiB, pareto=[…])
+
+An infeasible budget raises ``BudgetError`` naming the smallest feasible one.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from revify.units import format_bytes
+
+from .chain_costs import POLICY_OPTIONS, ChainBases, ReversibleCost, chain_options
+from .find_chains import Chain
+from .plan_checkpoint import ChainPlan, Segment, plan_checkpoint
+from .plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
+from .profile_blocks import ChainProfile, profile_chains
+from .profile_step import StepProfile, profile_step
+from .record_calls import call_model
+from .rewrite_checkpoint import rewrite_checkpoint
+from .solve_schedule import Option, Problem, Solution, min_budget, pareto, solve
+
+
+class BudgetError(ValueError):
+    """The memory budget cannot be met; the message names the smallest one that can."""
+
+
+@dataclass
+class BudgetPlan:
+    chains: list[ChainPlan]
+    reversible: list[ReversiblePlan]
+    budget: int
+    predicted_peak: int
+    predicted_recompute_s: float
+    smallest_budget: int
+    forward_s: float  # measured forward time of the whole model (no grad), for the extra-forward fraction
+    pareto: list[tuple[int, int, float]] = field(default_factory=list)  # (budget, predicted peak, recompute s)
+    budget_for: str = "peak"  # what the budget and the predicted "peak" bound: "peak" or "activations"
+
+
+def _stream_ratio(dtype: torch.dtype, stream: str | None) -> float:
+    from revify.runtime.reversible_chain import stream_dtype_for
+
+    sdt = getattr(torch, stream) if stream else stream_dtype_for(dtype)
+    return torch.empty((), dtype=sdt).element_size() / torch.empty((), dtype=dtype).element_size()
+
+
+def _reversible_cost(model: nn.Module, prof: ChainProfile, options: ReversibleOptions) -> ReversibleCost:
+    call = prof.chain.blocks[0].call
+    dim = (call.hidden_in_shape or (0,))[-1]
+    dtype = getattr(torch, (call.hidden_in_dtype or "torch.float32").removeprefix("torch."))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    adapters = 0 if options.coupling == "revnet" else 2 * (2 * dim * options.adapter_rank + options.adapter_rank + dim)
+    frozen = options.freeze_backbone and options.coupling != "revnet"
+    grads = tuple(adapters * itemsize + (0 if frozen else b.grad_bytes) for b in prof.blocks)
+    return ReversibleCost(_stream_ratio(dtype, options.stream_dtype), grads)
+
+
+def _chain_kept(options: tuple[Option, ...] | list[Option], chain_index: int) -> int:
+    return sum(o.keep for o in options if o.label[1] == chain_index)
+
+
+def _bases(step: StepProfile, ref_kept: list[int]) -> tuple[list[ChainBases], int]:
+    """Per-chain bases and the final need, from the reference step and what its chains keep."""
+    n = len(ref_kept)
+
+    def kept_through(c: int) -> int:  # bytes the reference schedule keeps in chains 0..c
+        return sum(ref_kept[:c + 1])
+
+    def live(kind: str, c: int | None) -> int | None:
+        e = step.find(kind, c)
+        return None if e is None else e.live
+
+    bases = []
+    for c in range(n):
+        base_f = (live("fwd_start", c) or 0) - kept_through(c - 1)
+        bwd_start = live("bwd_start", c)
+        base_b = (bwd_start - kept_through(c)) if bwd_start is not None else base_f
+        # phases that end where chain c starts and must fit with the state there
+        needs = []
+        if c == 0:
+            needs.append(step.phase_peak("fwd_start", 0) or 0)
+            tail = step.phase_peak("end") if step.find("bwd_end", 0) is not None else live("end", None)
+            needs.append(tail or 0)
+        else:
+            needs.append((step.phase_peak("fwd_start", c) or 0) - kept_through(c - 1))
+            gap = step.phase_peak("bwd_start", c - 1)
+            if gap is not None:
+                needs.append(gap - kept_through(c - 1))
+        bases.append(ChainBases(base_f, base_b, max(needs)))
+    head = [p for p in (step.phase_peak("loss"), step.phase_peak("bwd_start", n - 1)) if p is not None]
+    final_need = max(head, default=0) - kept_through(n - 1)
+    return bases, max(0, final_need)
+
+
+BUDGET_FOR = ("peak", "activations")
+
+
+def build_problem(profiles: list[ChainProfile], step: StepProfile, *, policies: tuple[str, ...] = POLICY_OPTIONS,
+                  reversible: list[ReversibleCost | None] | None = None, budget_for: str = "peak") -> Problem:
+    """The solver's problem for all chains, laid end to end in execution order.
+
+    ``budget_for="peak"``: the budget bounds the step's predicted peak.
+    ``"activations"``: it bounds the bytes kept for backward when the forward
+    ends (chains' kept bytes plus everything else alive then, measured), the
+    quantity ``torch.compile``'s activation_memory_budget trades against.
+    """
+    if budget_for not in BUDGET_FOR:
+        raise ValueError(f"unknown budget_for {budget_for!r}; choose one of {', '.join(BUDGET_FOR)}")
+    ref_kept = [sum(b.input_bytes for b in p.blocks) for p in profiles]  # every block its own segment
+    bases, final_need = _bases(step, ref_kept)
+    options: list[Option] = []
+    offset = 0
+    for c, (prof, base) in enumerate(zip(profiles, bases)):
+        rev = reversible[c] if reversible else None
+        options += chain_options(prof.blocks, base, offset, c, policies, reversible=rev)
+        offset += len(prof.blocks)
+    if budget_for == "activations":
+        loss = step.find("loss")
+        outside = (loss.live if loss is not None else 0) - sum(ref_kept)
+        options = [Option(o.start, o.end, o.keep, 0, o.cost, o.label) for o in options]
+        final_need = max(0, outside)
+    return Problem(offset, tuple(options), final_need)
+
+
+def schedule_path(problem: Problem, chains: list[ChainPlan]) -> list[Option]:
+    """The solver's options that stand for given checkpoint plans (one per chain, in order).
+
+    Blocks outside segments form maximal kept runs. Used to predict the peak of
+    fixed schedules (sqrt(n), per-block) with the same model the planner uses.
+    """
+    by_label = {o.label: o for o in problem.options}
+    path = []
+    for c, cp in enumerate(chains):
+        n = len(cp.chain.blocks)
+        starts = {s.start: s for s in cp.segments}
+        i = 0
+        while i < n:
+            if i in starts:
+                seg = starts[i]
+                path.append(by_label[(seg.policy, c, seg.start, seg.end)])
+                i = seg.end
+            else:
+                j = i
+                while j < n and j not in starts:
+                    j += 1
+                path.append(by_label[("keep", c, i, j)])
+                i = j
+    return path
+
+
+def _model_forward_s(model: nn.Module, example_inputs: Any, repeats: int = 2) -> float:
+    """Median forward time in the model's own mode; buffers (BatchNorm statistics) restored."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    times = []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                call_model(model, example_inputs)
+                times.append(time.perf_counter() - t0)
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+    return statistics.median(times)
+
+
+def _plans_from(solution: Solution, profiles: list[ChainProfile],
+                reversible_plans: list[ReversiblePlan | None]) -> tuple[list[ChainPlan], list[ReversiblePlan]]:
+    chains, revs = [], []
+    for c, prof in enumerate(profiles):
+        mine = [o for o in solution.options if o.label[1] == c]
+        recompute = sum(o.cost for o in mine)
+        chain_forward = sum(b.forward_s for b in prof.blocks)
+        predicted = dict(predicted_saved_bytes=_chain_kept(mine, c),
+                         predicted_peak_bytes=solution.peak,
+                         predicted_recompute_s=recompute,
+                         recompute_fraction=recompute / chain_forward if chain_forward else 0.0)
+        if mine and mine[0].label[0] == "reversible":
+            rp = reversible_plans[c]
+            for k, v in predicted.items():
+                setattr(rp, k, v)
+            revs.append(rp)
+            continue
+        segments = tuple(Segment(o.label[2], o.label[3], o.label[0]) for o in mine if o.label[0] != "keep")
+        chains.append(ChainPlan(prof.chain, segments, "budget", **predicted))
+    return chains, revs
+
+
+def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budget: int | None, *,
+                allow_reversible: bool = False, reversible_options: ReversibleOptions | None = None,
+                loss_fn: Callable[[Any], torch.Tensor] | None = None,
+                policies: tuple[str, ...] = POLICY_OPTIONS, budget_for: str = "peak") -> BudgetPlan:
+    """Plan every chain for ``budget`` bytes (None: the least memory, then the least recompute)."""
+    profiles = profile_chains(model, chains)
+    reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
+    step = profile_step(reference, chains, example_inputs, loss_fn)
+    reversible_plans: list[ReversiblePlan | None] = [None] * len(chains)
+    costs: list[ReversibleCost | None] = [None] * len(chains)
+    if allow_reversible:
+        options = reversible_options or ReversibleOptions()
+        for c, prof in enumerate(profiles):
+            decided = plan_reversible(prof.chain, options)
+            if isinstance(decided, ReversiblePlan):
+                reversible_plans[c] = decided
+                costs[c] = _reversible_cost(model, prof, options)
+    problem = build_problem(profiles, step, policies=policies, reversible=costs, budget_for=budget_for)
+    least = min_budget(problem)
+    if least is None:
+        raise BudgetError("no schedule covers the chains (no options were generated)")
+    smallest = least[0]
+    target = smallest if budget is None else budget
+    solution = least[1] if budget is None else solve(problem, budget)
+    if solution is None:
+        hint = "" if allow_reversible else "; strategy='auto' may go lower with reversible chains"
+        what = "peak" if budget_for == "peak" else "activation memory"
+        raise BudgetError(f"memory_budget {format_bytes(target)} cannot be met: the smallest predicted {what} "
+                          f"revify can reach on these inputs is {format_bytes(smallest)} ({smallest} bytes){hint}")
+    forward_s = _model_forward_s(model, example_inputs)
+    chain_plans, rev_plans = _plans_from(solution, profiles, reversible_plans)
+    front = [(b, s.peak, s.cost) for b, s in pareto(problem)]
+    return BudgetPlan(chain_plans, rev_plans, target, solution.peak, solution.cost, smallest, forward_s, front,
+                      budget_for)
+

@@ -1,0 +1,229 @@
+"""Pass 9a: measure what each chain block costs, one block at a time.
+
+The budget planner needs, per block, the bytes it keeps for backward, the
+transient bytes of its forward and backward, and its forward time, measured
+rather than derived from FLOPs (pointwise ops are memory-bound and a FLOP
+count gives them no weight). Each *distinct* block (module type, parameter
+shapes and trainability, train/eval mode) is run once on its own, on a fresh
+tensor of the recorded hidden shape with the recorded side inputs, so the
+profile never needs the whole model's activations in memory at once.
+
+Before::
+
+    Chain(blocks=[layer.0 … layer.11])
+
+After::
+
+    BlockCost(input_bytes=1.5 MiB, saved_bytes=19 MiB, saves_input=True, saves_output=False,
+              forward_transient=6 MiB, backward_transient=14 MiB, grad_bytes=27 MiB,
+              forward_s=0.081, selective_saved_bytes=9 MiB, selective_recompute_s=0.012)
+
+``saved_bytes`` is the block's *interior*: storages autograd saves that are
+neither its hidden input or output, nor a side input (mask, rotary tables),
+nor a parameter. The boundary tensors are flags, because whether they are
+kept depends on the neighbouring blocks' schedule.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from revify.measure import LiveStorageTracker
+from revify.runtime.checkpoint_segment import _SAVED_BY_SAVE_MATMULS, _checkpoint
+
+from .find_chains import BlockInfo, Chain
+from .record_calls import fed_tensor, get_slot, set_slot
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Measured costs of one block for one call signature (bytes and seconds)."""
+
+    input_bytes: int  # the hidden input, which a segment starting here keeps
+    saved_bytes: int  # interior storages saved for backward
+    saves_input: bool  # the block itself saves its hidden input (a LayerNorm first)
+    saves_output: bool  # the block itself saves its output (a ReLU last)
+    forward_transient: int  # peak during forward above what the forward leaves behind
+    backward_transient: int  # peak during backward above what is live when it starts
+    grad_bytes: int  # gradients of the block's trainable parameters, alive after its backward
+    forward_s: float  # median forward time
+    selective_saved_bytes: int  # interior kept by the save_matmuls policy (outputs of matmuls)
+    selective_recompute_s: float  # time of the ops that policy recomputes
+
+    @property
+    def kept_bytes(self) -> int:
+        """What the block keeps when not checkpointed, not counting a neighbour's share."""
+        return self.saved_bytes + self.input_bytes * self.saves_input + self.input_bytes * self.saves_output
+
+
+class _OpTimer(TorchDispatchMode):
+    """Wall time of every aten op, split into what save_matmuls keeps and the rest."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.cuda = device.type == "cuda"
+        self.saved_s = 0.0
+        self.other_s = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        if self.cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if func.overloadpacket in _SAVED_BY_SAVE_MATMULS:
+            self.saved_s += dt
+        else:
+            self.other_s += dt
+        return out
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _signature(module: nn.Module) -> tuple:
+    return (type(module).__qualname__, module.training,
+            tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in module.named_parameters()))
+
+
+class _BlockRun:
+    """One block called standalone with the recorded side inputs and a fresh hidden tensor."""
+
+    def __init__(self, module: nn.Module, info: BlockInfo, call_args: tuple, call_kwargs: dict):
+        self.forward = module.forward  # find_chains rejects blocks revify already converted
+        self.module = module
+        self.slot = info.call.hidden_slot
+        self.args, self.kwargs = call_args, call_kwargs
+        hidden = get_slot(call_args, call_kwargs, self.slot)
+        self.shape, self.dtype, self.device = hidden.shape, hidden.dtype, hidden.device
+        self.side_ptrs = {_ptr(t) for t in tree_flatten((call_args, call_kwargs))[0]
+                          if isinstance(t, torch.Tensor) and t is not hidden}
+        self.persistent = {_ptr(t) for t in list(module.parameters()) + list(module.buffers())}
+
+    def hidden(self) -> torch.Tensor:
+        x = torch.randn(self.shape, dtype=self.dtype, device=self.device)
+        return x.requires_grad_(self.dtype.is_floating_point)
+
+    def __call__(self, x: torch.Tensor, forward=None) -> torch.Tensor:
+        a, k = set_slot(self.args, self.kwargs, self.slot, x)
+        out, _ = fed_tensor((forward or self.forward)(*a, **k))
+        return out
+
+
+def _grad_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+
+
+def profile_block(module: nn.Module, info: BlockInfo, call_args: tuple, call_kwargs: dict,
+                  repeats: int = 3) -> BlockCost:
+    """Run ``module`` standalone and measure its costs (buffers and RNG are restored)."""
+    run = _BlockRun(module, info, call_args, call_kwargs)
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+    grads = {p: p.grad for p in module.parameters()}
+    try:
+        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+            cost = _measure(run, repeats)
+    finally:
+        with torch.no_grad():
+            for n, b in module.named_buffers():
+                b.copy_(buffers[n])
+        for p, g in grads.items():
+            p.grad = g
+    return cost
+
+
+def _measure(run: _BlockRun, repeats: int) -> BlockCost:
+    # saved storages, classified
+    x = run.hidden()
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        saved.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    tracker = LiveStorageTracker()
+    with tracker:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = run(x)
+        retained = tracker.live_bytes
+        forward_peak = tracker.peak_bytes
+        grad_out = torch.randn_like(out)
+        tracker.peak_bytes = tracker.live_bytes
+        start = tracker.live_bytes
+        if out.requires_grad:
+            out.backward(grad_out)
+        backward_peak = tracker.peak_bytes - start
+    x_ptr, out_ptr = _ptr(x), _ptr(out)
+    interior = sum(n for p, n in saved.items()
+                   if p not in (x_ptr, out_ptr) and p not in run.side_ptrs and p not in run.persistent)
+    input_bytes = x.untyped_storage().nbytes()
+    del out, grad_out
+
+    # what save_matmuls keeps: everything alive after a selective forward, minus input and output
+    x = run.hidden()
+    tracker = LiveStorageTracker()
+    with tracker:
+        out = _checkpoint(lambda h: run(h), "save_matmuls", x)
+        selective_retained = tracker.live_bytes - out.untyped_storage().nbytes()
+    del out
+    run.module.zero_grad(set_to_none=True)
+
+    timer = _OpTimer(run.device)
+    with torch.no_grad(), timer:
+        run(run.hidden())
+    times = []
+    for _ in range(repeats + 1):  # the first call warms caches up
+        x = run.hidden()
+        _sync(run.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            run(x)
+        _sync(run.device)
+        times.append(time.perf_counter() - t0)
+    forward_s = statistics.median(times[1:])
+    # op times under the timer carry its overhead: scale them to the untimed forward
+    scale = forward_s / max(timer.saved_s + timer.other_s, 1e-12)
+    return BlockCost(
+        input_bytes=input_bytes, saved_bytes=interior, saves_input=x_ptr in saved, saves_output=out_ptr in saved,
+        forward_transient=max(0, forward_peak - retained), backward_transient=max(0, backward_peak),
+        grad_bytes=_grad_bytes(run.module), forward_s=forward_s,
+        selective_saved_bytes=max(0, selective_retained), selective_recompute_s=timer.other_s * scale)
+
+
+@dataclass(frozen=True)
+class ChainProfile:
+    chain: Chain
+    blocks: tuple[BlockCost, ...]
+
+
+def profile_chains(model: nn.Module, chains: list[Chain] | tuple[Chain, ...], repeats: int = 3) -> list[ChainProfile]:
+    """One ``BlockCost`` per block of every chain; identical blocks are measured once."""
+    measured: dict[tuple, BlockCost] = {}
+    profiles = []
+    for chain in chains:
+        first = chain.blocks[0].call
+        # later blocks of a chain share the first one's side inputs (find_chains checks it)
+        args, kwargs = tuple(first.example_args or ()), dict(first.example_kwargs or {})
+        costs = []
+        for info in chain.blocks:
+            module = model.get_submodule(info.path)
+            key = (_signature(module), info.call.hidden_in_shape, first.index)
+            if key not in measured:
+                measured[key] = profile_block(module, info, args, kwargs, repeats)
+            costs.append(measured[key])
+        profiles.append(ChainProfile(chain, tuple(costs)))
+    return profiles

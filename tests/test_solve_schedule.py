@@ -1,0 +1,96 @@
+"""The budget DP against brute force on small random chains."""
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from revify.passes.solve_schedule import Option, Problem, min_budget, path_peak, pareto, solve
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 6))
+    options = []
+    for i in range(n):
+        # always one way forward from every position, plus random alternatives
+        options.append(Option(i, i + 1, draw(st.integers(0, 30)), draw(st.integers(0, 60)),
+                              draw(st.integers(0, 9))))
+        for j in range(i + 1, min(n, i + 4) + 1):
+            for _ in range(draw(st.integers(0, 2))):
+                options.append(Option(i, j, draw(st.integers(0, 30)), draw(st.integers(0, 90)),
+                                      draw(st.integers(0, 9))))
+    return Problem(n, tuple(options), draw(st.integers(0, 20)))
+
+
+def _all_paths(problem: Problem):
+    def walk(i, path):
+        if i == problem.length:
+            yield tuple(path)
+            return
+        for o in problem.options:
+            if o.start == i:
+                yield from walk(o.end, path + [o])
+    yield from walk(0, [])
+
+
+def _brute(problem: Problem, budget: int):
+    best = None
+    for path in _all_paths(problem):
+        peak, _ = path_peak(problem, path)
+        cost = sum(o.cost for o in path)
+        if peak <= budget and (best is None or cost < best):
+            best = cost
+    return best
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems(), st.integers(0, 250))
+def test_dp_finds_the_least_recompute_that_fits(problem, budget):
+    expected = _brute(problem, budget)
+    got = solve(problem, budget, resolution=10**6)  # unit of one byte: exact
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and got.cost == expected and got.peak <= budget
+        assert path_peak(problem, got.options)[0] == got.peak
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_min_budget_is_the_smallest_peak_of_any_path(problem):
+    expected = min(path_peak(problem, p)[0] for p in _all_paths(problem))
+    budget, solution = min_budget(problem, resolution=10**6)
+    assert budget == solution.peak == expected
+    assert solve(problem, expected - 1, resolution=10**6) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(problems(), st.integers(1, 50))
+def test_rounding_never_accepts_what_does_not_fit(problem, resolution):
+    # coarse units: the answer may be suboptimal but must fit the real budget,
+    # and a budget it accepts stays accepted when it grows
+    accepted = False
+    for budget in range(0, 400, 7):
+        got = solve(problem, budget, resolution=resolution)
+        assert not (accepted and got is None)
+        if got is not None:
+            accepted = True
+            assert got.peak <= budget
+    smallest, solution = min_budget(problem, resolution=resolution)
+    assert solution.peak <= smallest
+    assert solve(problem, smallest, resolution=resolution) is not None
+    assert smallest == 0 or solve(problem, smallest - 1, resolution=resolution) is None
+
+
+def test_pareto_trades_memory_for_recompute():
+    # a 4-block chain: keep a block (20 bytes, no recompute) or recompute it alone (2 bytes, 1 s)
+    options = []
+    for i in range(4):
+        options += [Option(i, i + 1, 20, 20, 0.0, "keep"), Option(i, i + 1, 2, 22, 1.0, "recompute")]
+    front = [s for _, s in pareto(Problem(4, tuple(options)), points=20, resolution=10**6)]
+    assert [s.cost for s in front] == sorted((s.cost for s in front), reverse=True)
+    # the least memory keeps the last block: its backward comes first, so keeping it
+    # (peak 6 + 20) beats recomputing it (6 + 22) -- the edge over per-block checkpointing
+    assert front[0].cost == 3.0 and front[0].options[-1].label == "keep" and front[0].peak == 26
+    assert front[-1].cost == 0.0
+    assert all(a.peak < b.peak for a, b in zip(front, front[1:]))
