@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -66,10 +66,16 @@ class BudgetPlan:
     budget_for: str = "peak"  # what the budget and the predicted "peak" bound: "peak" or "activations"
 
 
-def _stream_ratio(dtype: torch.dtype, stream: str | None) -> float:
+def _stream_ratio(dtype: torch.dtype, options: ReversibleOptions) -> float:
     from revify.runtime.reversible_chain import stream_dtype_for
 
-    sdt = getattr(torch, stream) if stream else stream_dtype_for(dtype)
+    from .plan_reversible import COUPLINGS
+
+    base = COUPLINGS[options.coupling]
+    coupling = replace(base, lam=base.lam if options.lam is None else options.lam,
+                       beta=base.beta if options.beta is None else options.beta)
+    stream = options.stream_dtype
+    sdt = getattr(torch, stream) if stream else stream_dtype_for(dtype, coupling)
     return torch.empty((), dtype=sdt).element_size() / torch.empty((), dtype=dtype).element_size()
 
 
@@ -81,7 +87,7 @@ def _reversible_cost(model: nn.Module, prof: ChainProfile, options: ReversibleOp
     adapters = 0 if options.coupling == "revnet" else 2 * (2 * dim * options.adapter_rank + options.adapter_rank + dim)
     frozen = options.freeze_backbone and options.coupling != "revnet"
     grads = tuple(adapters * itemsize + (0 if frozen else b.grad_bytes) for b in prof.blocks)
-    return ReversibleCost(_stream_ratio(dtype, options.stream_dtype), grads)
+    return ReversibleCost(_stream_ratio(dtype, options), grads)
 
 
 def _chain_kept(options: tuple[Option, ...] | list[Option], chain_index: int) -> int:

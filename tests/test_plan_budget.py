@@ -128,8 +128,6 @@ def test_budget_with_units_and_the_pareto_front():
     assert costs[-1] == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="the reversible head materialises every block's output at once "
-                   "(an O(depth) forward transient); fixed by one autograd Function per coupling step")
 def test_auto_goes_below_checkpointing_with_a_reversible_chain():
     # frozen blocks and a deep chain: activations, not gradients, set the peak, and
     # checkpointing keeps one hidden state per segment while reversible keeps two streams

@@ -9,16 +9,21 @@ then, for MEFT1/MEFT2, the streams are switched. The chain input is copied
 into both streams; the chain output is the stream that carries the
 pretrained function (``Coupling.output``).
 
-``_ReversibleFunction`` runs every step in forward without storing any
-activation, and saves only the final two streams, the exact streams at a few
-*anchor* steps (chosen at conversion by measured reconstruction error), the
-side inputs, RNG states and buffer snapshots. Backward walks the steps in
-reverse: ``G`` is recomputed under autograd on the known ``y1`` (which also
-reconstructs ``x2``), then ``F`` on the reconstructed ``x2`` (which also
-reconstructs ``x1``), so reconstruction and recomputation share one forward
-per function. Parameters are inputs of the Function, so their gradients are
-returned to autograd and accumulate through the normal ``AccumulateGrad``
-path (optimizers, grad hooks and DDP see them once).
+Each step is its own autograd node (``_StepFunction``), run when its block is
+called, as in the original model: block k's call computes step k from the
+streams step k−1 left behind and frees them, so forward holds two streams at a
+time whatever the depth. No node saves an activation of its own: the last
+step saves the final two streams, anchor steps (chosen at conversion by
+measured reconstruction error) the exact streams at their input, and every
+step its side inputs, RNG states and buffer snapshots. Backward visits the
+steps in reverse: ``G`` is recomputed under autograd on the known ``y1``
+(which also reconstructs ``x2``), then ``F`` on the reconstructed ``x2``
+(which also reconstructs ``x1``), so reconstruction and recomputation share
+one forward per function; the reconstructed streams and their gradients are
+handed to the previous step's node. Parameters are inputs of their step's
+node, so their gradients are returned to autograd step by step and
+accumulate through the normal ``AccumulateGrad`` path (optimizers, grad hooks
+and DDP see them once, as soon as they are ready).
 
 Numerics: dividing by λ or β amplifies rounding error at every step. The
 streams are kept in a wider dtype than the blocks compute in (fp64 for an fp32
@@ -27,8 +32,8 @@ nothing and a reconstructed ``x2`` usually casts back to the same compute-
 dtype bits; what remains is amplified recompute noise, bounded by anchors.
 
 Like ``CheckpointSegment``, the chain is installed as the blocks' ``forward``:
-the first block (head) runs the whole chain, later blocks (relays) return the
-head's per-block outputs. A relay called with anything else raises: the
+the first block (head) starts a run, later blocks (relays) continue it. A
+relay called with anything but the previous block's output raises: the
 coupled architecture has no meaning for a block run on its own.
 """
 from __future__ import annotations
@@ -145,8 +150,17 @@ def _params(modules: tuple[nn.Module, ...]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def stream_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """Streams one step wider than the compute dtype, where that is cheap."""
+def stream_dtype_for(dtype: torch.dtype, coupling: Coupling | None = None) -> torch.dtype:
+    """Streams one step wider than the compute dtype, where that is cheap and needed.
+
+    Dividing by λ or β < 1 amplifies the streams' rounding error at every step;
+    with λ = β = 1 (RevNet) nothing is divided, so compute-dtype streams lose
+    only the recompute noise the anchors bound anyway, at half the memory of
+    the chain's largest saved tensors (measured on a 48-block MLP: peak
+    3.13 → 2.01 MiB).
+    """
+    if coupling is not None and coupling.lam == 1 and coupling.beta == 1:
+        return dtype
     if dtype == torch.float32:
         return torch.float64
     if dtype in (torch.float16, torch.bfloat16):
@@ -221,8 +235,15 @@ class Probe:
 
 @dataclass
 class _Run:
-    """What one forward of the chain leaves for its backward, besides saved tensors."""
+    """One forward of the chain, shared by its per-step autograd nodes.
 
+    In forward it carries the two streams from one block's call to the next
+    (``streams``); in backward it carries the reconstructed streams and their
+    gradients from step i+1's node to step i's (``backward``). Both are
+    dropped as soon as the last user is done, so nothing outlives a step.
+    """
+
+    side_leaves: list  # the head's side inputs, flattened (tensors included)
     side_spec: Any
     compute_dtype: torch.dtype
     stream_dtype: torch.dtype
@@ -230,9 +251,34 @@ class _Run:
     autocast: list[tuple[str, bool, torch.dtype]]
     anchors: tuple[int, ...]
     random: bool
-    n_rng: int = 0
-    n_buf: int = 0
     probe: Probe | None = None
+    reversible: bool = True  # False: plain autograd (inference, or the stored-activation reference)
+    streams: tuple[torch.Tensor, torch.Tensor] | None = None  # after the last step run so far
+    first_in_graph: int | None = None  # the lowest step whose node autograd will call
+    backward: _Backward | None = None
+
+    def side(self) -> tuple[tuple, dict]:
+        return tree_unflatten(self.side_leaves, self.side_spec)
+
+
+@dataclass
+class _Backward:
+    """Handed from step i+1's backward to step i's: the streams at step i+1's input, reconstructed."""
+
+    step: int  # the step these are the inputs of
+    streams: tuple[torch.Tensor, torch.Tensor]
+    grads: tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+@dataclass
+class _Pending:
+    """Between a chain's block calls in forward: what the next block must be fed."""
+
+    run: _Run
+    next_block: int
+    output: torch.Tensor  # the previous block's output
+    version: int
+    side: Any  # side_signature of the head's call
 
 
 def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
@@ -303,15 +349,14 @@ class ReversibleChain:
         self.name = name
         self.stored = False  # reference mode: ordinary autograd, every activation stored
         self.probe: Probe | None = None  # set by calibration for one step
-        self.pending: list[Any] | None = None
-        self.pending_check: tuple | None = None
+        self.pending: _Pending | None = None
         self.step_of_block = [0] * len(blocks)
         for i, s in enumerate(steps):
             for b in s.blocks:
                 self.step_of_block[b] = i
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "pending": None, "pending_check": None, "probe": None}
+        return {**self.__dict__, "pending": None, "probe": None}
 
     def install(self) -> None:
         self.blocks[0].forward = ReversibleHead(self)
@@ -358,15 +403,14 @@ class ReversibleChain:
         measured on ``x``; returns (error, bound, ρ per step).
         """
         cdt = x.dtype
-        run = _Run(None, cdt, self.stream_dtype or stream_dtype_for(cdt), x.device, [], (), False)
-        record: list = []
+        sdt = self.stream_dtype or stream_dtype_for(cdt, self.coupling)
         with torch.no_grad():
-            s1, s2, _ = self.forward_streams(x, args, kwargs, run, record=record)
+            s1 = s2 = x.to(sdt)
             h, rhos = x, []
             for i, step in enumerate(self.steps):
-                fin = self._select(*record[i]).to(cdt)
-                ref = step.reference(fin, args, kwargs)
-                rhos.append(relative_error(self._select(*record[i + 1]), ref))
+                ref = step.reference(self._select(s1, s2).to(cdt), args, kwargs)
+                s1, s2 = self.step_forward(i, s1, s2, args, kwargs, cdt, sdt)
+                rhos.append(relative_error(self._select(s1, s2), ref))
                 h = step.reference(h, args, kwargs)
             err = relative_error(self._select(s1, s2), h)
         return err, math.prod(1 + r for r in rhos) - 1, rhos
@@ -379,41 +423,39 @@ class ReversibleChain:
             return s2
         return (s1 + s2) / 2
 
-    def forward_streams(self, x: torch.Tensor, args: tuple, kwargs: dict, run: _Run,
-                        rng: list | None = None, buffers: list | None = None,
-                        anchors: dict | None = None, record: list | None = None) -> tuple:
-        """All steps in order; returns the final streams and the function stream after each step."""
-        c, cdt, sdt = self.coupling, run.compute_dtype, run.stream_dtype
-        s1 = s2 = x.to(sdt)
-        mids = []
-        for i, step in enumerate(self.steps):
-            if anchors is not None and i in run.anchors:
-                anchors[i] = (s1, s2)
-            if record is not None:
-                record.append((s1, s2))
-            if buffers is not None:
-                buffers.extend(m._buffers[n].detach().clone() for m, n in step.buffers)
-            x1, x2 = s1, s2
+    def step_forward(self, i: int, s1: torch.Tensor, s2: torch.Tensor, args: tuple, kwargs: dict,
+                     cdt: torch.dtype, sdt: torch.dtype, device: torch.device | None = None,
+                     rng: list | None = None, buffers: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coupling step i on the streams; records RNG states and buffer snapshots when asked."""
+        c, step = self.coupling, self.steps[i]
+        if buffers is not None:
+            buffers.extend(m._buffers[n].detach().clone() for m, n in step.buffers)
+        x1, x2 = s1, s2
+        if rng is not None:
+            rng.append(_rng_get(device))
+        f = step.f(x2.to(cdt), args, kwargs).to(sdt)
+        y1 = f + x1 if c.lam == 1 else f + c.lam * x1
+        if step.g is not None:
             if rng is not None:
-                rng.append(_rng_get(x.device))
-            f = step.f(x2.to(cdt), args, kwargs).to(sdt)
-            y1 = f + x1 if c.lam == 1 else f + c.lam * x1
-            if step.g is not None:
-                if rng is not None:
-                    rng.append(_rng_get(x.device))
-                g = step.g(y1.to(cdt), args, kwargs).to(sdt)
-                y2 = g + x2 if c.beta == 1 else g + c.beta * x2
-            else:
-                y2 = x2 if c.beta == 1 else c.beta * x2
-            s1, s2 = (y2, y1) if c.switch else (y1, y2)
-            mids.append(self._select(s1, s2))
-        if record is not None:
-            record.append((s1, s2))
-        return s1, s2, mids
+                rng.append(_rng_get(device))
+            g = step.g(y1.to(cdt), args, kwargs).to(sdt)
+            y2 = g + x2 if c.beta == 1 else g + c.beta * x2
+        else:
+            y2 = x2 if c.beta == 1 else c.beta * x2
+        return (y2, y1) if c.switch else (y1, y2)
 
-    def backward_step(self, i: int, s1: torch.Tensor, s2: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor,
-                      args: tuple, kwargs: dict, run: _Run, rng: list, buffers: list,
-                      anchors: dict, grads: dict[int, torch.Tensor], index: dict[int, int]) -> tuple:
+    def step_params(self, i: int) -> list[nn.Parameter]:
+        """Trainable parameters step i differentiates (looked up per call: freezing may change)."""
+        step, seen = self.steps[i], {}
+        for p in _params(step.f_modules) + _params(step.g_modules):
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def backward_step(self, i: int, s1: torch.Tensor, s2: torch.Tensor, d1: torch.Tensor | None,
+                      d2: torch.Tensor | None, args: tuple, kwargs: dict, run: _Run, rng: list, buffers: list,
+                      anchor: tuple[torch.Tensor, torch.Tensor] | None, grads: dict[int, torch.Tensor],
+                      index: dict[int, int]) -> tuple:
         """Reconstruct step i's inputs from its outputs and backpropagate through it."""
         c, cdt, sdt, step = self.coupling, run.compute_dtype, run.stream_dtype, self.steps[i]
         y1, y2 = (s2, s1) if c.switch else (s1, s2)
@@ -443,8 +485,8 @@ class ReversibleChain:
             else:
                 a = dy1
                 x2 = y2 if c.beta == 1 else y2 / c.beta
-            if i in anchors:
-                x2 = anchors[i][1]
+            if anchor is not None:
+                x2 = anchor[1]
             elif probe is not None:
                 x2 = probe.visit(i, 1, x2, where)
             if rng:
@@ -460,8 +502,8 @@ class ReversibleChain:
                 out = torch.autograd.grad(f, [x2d] + params, a, allow_unused=True)
                 dx2_f = out[0]
                 _accumulate(grads, index, params, out[1:])
-            if i in anchors:
-                x1 = anchors[i][0]
+            if anchor is not None:
+                x1 = anchor[0]
             else:
                 x1 = (y1 - f.detach()) if c.lam == 1 else (y1 - f.detach()) / c.lam
                 if probe is not None:
@@ -476,6 +518,7 @@ class ReversibleChain:
 
     # --- head and relays -------------------------------------------------------------
     def run_head(self, *args: Any, **kwargs: Any) -> Any:
+        """The first block: start a run of the chain and compute its first step."""
         self.pending = None
         x = get_slot(args, kwargs, self.hidden_slot)
         if not isinstance(x, torch.Tensor):
@@ -489,9 +532,8 @@ class ReversibleChain:
                                "states); reversible chains pass gradients only to the hidden state. "
                                "Convert with strategy='checkpoint' instead")
         cdt = x.dtype
-        unshard_fsdp(self.blocks)  # FSDP2: the later blocks run here, not through their hooks
-        params = [p for p in self.parameters() if p.requires_grad]
-        reversible = torch.is_grad_enabled() and not self.stored and (x.requires_grad or params)
+        reversible = torch.is_grad_enabled() and not self.stored and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters()))
         precision = precision_state(x)
         probe, anchors = self.probe, self.anchors_for(precision)
         if probe is not None:  # calibration at conversion: find every anchor afresh
@@ -501,44 +543,51 @@ class ReversibleChain:
             probe, anchors = Probe("calibrate", self.tolerance, precision=precision, auto=True), ()
         elif self.check_tolerance is not None:
             probe = Probe("check", self.check_tolerance)
-        run = _Run(spec, cdt, self.stream_dtype or stream_dtype_for(cdt), x.device,
+        run = _Run(leaves, spec, cdt, self.stream_dtype or stream_dtype_for(cdt, self.coupling), x.device,
                    _autocast_state(), self.anchors if anchors is None else anchors,
-                   self.random or (self.random_if_training and self.blocks[0].training), probe=probe)
-        if reversible:
-            outs = _ReversibleFunction.apply(self, run, x, leaves, *params)
-            out, mids = outs[0], list(outs[1:])
-        else:
-            # inference, or the reference mode: the same coupled function under plain autograd
-            s1, s2, mids = self.forward_streams(x, side_args, side_kwargs, run)
-            out = self._select(s1, s2).to(cdt)
-            mids = [m.to(cdt) for m in mids[:-1]]
-        per_block = [out if self.step_of_block[b] == len(self.steps) - 1 else mids[self.step_of_block[b]]
-                     for b in range(len(self.blocks))]
-        if len(per_block) > 1:
-            self.pending = per_block
-            self.pending_check = (side_signature(args, kwargs, self.hidden_slot),
-                                  [t._version for t in per_block])
-        return per_block[0]
+                   self.random or (self.random_if_training and self.blocks[0].training), probe=probe,
+                   reversible=reversible)
+        return self._run_block(0, run, x, side_signature(args, kwargs, self.hidden_slot))
 
     def run_relay(self, k: int, *args: Any, **kwargs: Any) -> Any:
-        pending = self.pending
-        if pending is not None and pending[k] is not None:
-            side, versions = self.pending_check
-            expected = pending[k - 1]
-            if (is_fed(get_slot(args, kwargs, self.hidden_slot), expected) and expected._version == versions[k - 1]
-                    and side_signature(args, kwargs, self.hidden_slot) == side):
-                out = pending[k]
-                if k == len(self.blocks) - 1:
-                    self.pending = None
-                else:
-                    pending[k - 1] = None
-                return out
-        self.pending = None
+        """A later block: check it is fed the previous block's output, then compute its step."""
+        pending, self.pending = self.pending, None
+        if pending is not None and pending.next_block == k:
+            h = get_slot(args, kwargs, self.hidden_slot)
+            if (is_fed(h, pending.output) and pending.output._version == pending.version
+                    and side_signature(args, kwargs, self.hidden_slot) == pending.side):
+                return self._run_block(k, pending.run, h, pending.side)
         raise RuntimeError(
             f"{self.name}: block {k} of a reversible chain was called with something other than the "
             "previous block's output (the parent changed the hidden state between blocks, or called "
             "blocks out of order); reversible conversion needs blocks fed one into the next. "
             "Use strategy='checkpoint' for this model")
+
+    def _run_block(self, k: int, run: _Run, h: torch.Tensor, side: Any) -> torch.Tensor:
+        i = self.step_of_block[k]
+        # a step that stands for two blocks (RevNet: F and G) runs when its first block is
+        # called; the second block passes the step's output on
+        out = self._run_step(i, run, h) if self.steps[i].blocks[0] == k else h
+        if k < len(self.blocks) - 1:
+            self.pending = _Pending(run, k + 1, out, out._version, side)
+        return out
+
+    def _run_step(self, i: int, run: _Run, h: torch.Tensor) -> torch.Tensor:
+        step = self.steps[i]
+        # FSDP2: the step's other blocks run here, not through their own hooks
+        unshard_fsdp(self.blocks[b] for b in step.blocks[1:])
+        if run.reversible:
+            out = _StepFunction.apply(self, run, i, h, *self.step_params(i))
+            if run.first_in_graph is None and out.requires_grad:
+                run.first_in_graph = i
+            return out
+        # inference, or the reference mode: the same coupled function under plain autograd
+        cdt, sdt = run.compute_dtype, run.stream_dtype
+        s1, s2 = (h.to(sdt), h.to(sdt)) if i == 0 else run.streams
+        args, kwargs = run.side()
+        s1, s2 = self.step_forward(i, s1, s2, args, kwargs, cdt, sdt)
+        run.streams = None if i == len(self.steps) - 1 else (s1, s2)
+        return self._select(s1, s2).to(cdt)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -555,98 +604,103 @@ def _accumulate(grads: dict[int, torch.Tensor], index: dict[int, int], params: l
         grads[k] = g if k not in grads else grads[k] + g
 
 
-class _ReversibleFunction(torch.autograd.Function):
-    """The whole chain as one autograd node; saves streams only at the end and at anchors."""
+class _StepFunction(torch.autograd.Function):
+    """One coupling step as an autograd node that saves no activation of its own.
+
+    Forward takes the streams the previous step left in the run (the tensor
+    ``h`` the block was called with only links the nodes, so backward visits
+    them in reverse order) and saves only RNG states, buffer snapshots, side
+    inputs, the exact streams if this step is an anchor, and the final streams
+    if it is the last step. Backward reconstructs the step's inputs from the
+    streams the next step's backward handed over, and hands them on; only the
+    first step returns a gradient for ``h`` (the chain input), the others pass
+    theirs through the run.
+    """
 
     @staticmethod
-    def forward(ctx, chain: ReversibleChain, run: _Run, x: torch.Tensor, leaves: list, *params):
-        args, kwargs = tree_unflatten(leaves, run.side_spec)
+    def forward(ctx, chain: ReversibleChain, run: _Run, i: int, h: torch.Tensor, *params):
+        cdt, sdt = run.compute_dtype, run.stream_dtype
+        s1, s2 = (h.to(sdt), h.to(sdt)) if i == 0 else run.streams
+        if run.probe is not None:
+            run.probe.exact[i] = (s1, s2)
+        args, kwargs = run.side()
         rng: list | None = [] if run.random else None
         buffers: list = []
-        anchors: dict = {}
-        record = [] if run.probe is not None else None
-        s1, s2, mids = chain.forward_streams(x, args, kwargs, run, rng=rng, buffers=buffers,
-                                             anchors=anchors, record=record)
-        if record is not None:
-            run.probe.exact = {i: st for i, st in enumerate(record)}
+        n1, n2 = chain.step_forward(i, s1, s2, args, kwargs, cdt, sdt, run.device, rng, buffers)
+        last = i == len(chain.steps) - 1
+        run.streams = None if last else (n1, n2)
+        if last and run.probe is not None:
+            run.probe.exact[i + 1] = (n1, n2)
+        anchor = i in run.anchors
+        side = [t for t in run.side_leaves if isinstance(t, torch.Tensor)]
         rng_flat = [t for states in (rng or []) for t in states]
-        run.n_rng, run.n_buf = len(rng_flat), len(buffers)
-        anchor_flat = [t for i in sorted(anchors) for t in anchors[i]]
-        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
-        ctx.save_for_backward(s1, s2, *anchor_flat, *tensors, *rng_flat, *buffers)
-        ctx.chain, ctx.run = chain, run
-        ctx.tensor_positions = [j for j, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
-        ctx.leaves = [None if isinstance(t, torch.Tensor) else t for t in leaves]
+        ctx.save_for_backward(*((s1, s2) if anchor else ()), *((n1, n2) if last else ()), *side, *rng_flat,
+                              *buffers)
+        ctx.layout = (anchor, last, len(side), len(rng or ()), len(buffers))
+        ctx.chain, ctx.run, ctx.i = chain, run, i
         ctx.params = params
-        ctx.input_dtype = x.dtype
-        ctx.set_materialize_grads(False)  # unused outputs arrive as None: no work for them
-        ctx.rng_per_step = [] if rng is None else [1 if s.g is None else 2 for s in chain.steps]
-        out = chain._select(s1, s2).to(x.dtype, copy=True)
-        return (out, *[m.to(x.dtype, copy=True) for m in mids[:-1]])
+        ctx.input_dtype = h.dtype
+        ctx.set_materialize_grads(False)  # an unused output arrives as None: no work for it
+        return chain._select(n1, n2).to(h.dtype, copy=True)
 
     @staticmethod
-    def backward(ctx, grad_out, *grad_mids):
-        chain, run = ctx.chain, ctx.run
+    def backward(ctx, grad_out):
+        chain, run, i = ctx.chain, ctx.run, ctx.i
+        anchor_saved, last, n_side, n_rng_calls, n_buf = ctx.layout
         saved = list(ctx.saved_tensors)
-        s1, s2 = saved[0], saved[1]
-        pos = 2
-        anchors = {}
-        for i in sorted(run.anchors):
-            anchors[i] = (saved[pos], saved[pos + 1])
-            pos += 2
-        leaves = list(ctx.leaves)
-        for j in ctx.tensor_positions:
-            leaves[j] = saved[pos]
-            pos += 1
+        anchor = (saved.pop(0), saved.pop(0)) if anchor_saved else None
+        final = (saved.pop(0), saved.pop(0)) if last else None
+        side, saved = saved[:n_side], saved[n_side:]
+        leaves = list(run.side_leaves)
+        it = iter(side)
+        leaves = [next(it) if isinstance(t, torch.Tensor) else t for t in leaves]
         args, kwargs = tree_unflatten(leaves, run.side_spec)
-        rng_flat = saved[pos:pos + run.n_rng]
-        pos += run.n_rng
-        buffers_flat = saved[pos:pos + run.n_buf]
         per_state = 2 if run.device.type == "cuda" else 1
-        rng_steps, k = [], 0
-        for n_calls in ctx.rng_per_step:
-            rng_steps.append([rng_flat[k + c * per_state:k + (c + 1) * per_state] for c in range(n_calls)])
-            k += n_calls * per_state
-        buf_steps, k = [], 0
-        for step in chain.steps:
-            buf_steps.append(list(buffers_flat[k:k + len(step.buffers)]))
-            k += len(step.buffers)
+        rng = [saved[c * per_state:(c + 1) * per_state] for c in range(n_rng_calls)]
+        buffers = saved[n_rng_calls * per_state:][:n_buf]
 
-        sdt = run.stream_dtype
+        if last:
+            (s1, s2), (d1, d2) = final, (None, None)
+        elif run.backward is not None and run.backward.step == i + 1:
+            (s1, s2), (d1, d2) = run.backward.streams, run.backward.grads
+        else:
+            raise RuntimeError(
+                f"{chain.name}: backward reached step {i} without passing through the chain's later "
+                "steps; a reversible chain reconstructs activations from its last output, so the loss "
+                "must depend on it")
+        run.backward = None
+        d1, d2 = _add_output_grad(chain.coupling, d1, d2, grad_out, run.stream_dtype)
         index = {id(p): j for j, p in enumerate(ctx.params)}
         grads: dict[int, torch.Tensor] = {}
-        last = len(chain.steps) - 1
-
-        def add_output_grad(d1, d2, g):
-            if g is None:
-                return d1, d2
-            g = g.to(sdt)
-            if chain.coupling.output == "s1":
-                return _add(d1, g), d2
-            if chain.coupling.output == "s2":
-                return d1, _add(d2, g)
-            return _add(d1, g / 2), _add(d2, g / 2)
-
-        d1, d2 = add_output_grad(None, None, grad_out)
         devices = [run.device] if run.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=run.random), _autocast(run.autocast), \
                 torch.enable_grad():
-            for i in range(last, -1, -1):
-                if i < last:
-                    d1, d2 = add_output_grad(d1, d2, grad_mids[i])
-                s1, s2, d1, d2 = chain.backward_step(i, s1, s2, d1, d2, args, kwargs, run,
-                                                     rng_steps[i] if rng_steps else [], buf_steps[i],
-                                                     anchors, grads, index)
-        dx = _add(d1, d2)
-        if dx is not None and ctx.needs_input_grad[2]:
-            dx = dx.to(ctx.input_dtype)
-        else:
-            dx = None
+            s1, s2, d1, d2 = chain.backward_step(i, s1, s2, d1, d2, args, kwargs, run, rng, buffers,
+                                                 anchor, grads, index)
+        param_grads = [grads.get(j) for j in range(len(ctx.params))]
+        if i > (run.first_in_graph or 0):
+            run.backward = _Backward(i, (s1, s2), (d1, d2))
+            return (None, None, None, None, *param_grads)
+        # the first step autograd visits: the end of this backward pass through the chain
         if run.probe is not None and run.probe.auto:
             chain.record_anchors(run.probe, "first training step")
             run.probe.exact = {}  # the streams stored for this one step
-        param_grads = [grads.get(j) for j in range(len(ctx.params))]
-        return (None, None, dx, None, *param_grads)
+        dx = _add(d1, d2)
+        dx = dx.to(ctx.input_dtype) if dx is not None and ctx.needs_input_grad[3] else None
+        return (None, None, None, dx, *param_grads)
+
+
+def _add_output_grad(coupling: Coupling, d1: torch.Tensor | None, d2: torch.Tensor | None,
+                     g: torch.Tensor | None, sdt: torch.dtype) -> tuple:
+    """Add the gradient of a step's output (the function stream) to the streams' gradients."""
+    if g is None:
+        return d1, d2
+    g = g.to(sdt)
+    if coupling.output == "s1":
+        return _add(d1, g), d2
+    if coupling.output == "s2":
+        return d1, _add(d2, g)
+    return _add(d1, g / 2), _add(d2, g / 2)
 
 
 class ReversibleHead:
