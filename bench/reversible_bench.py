@@ -67,7 +67,7 @@ def run_depth(layers: int, args) -> list[str]:
     hf = copy.deepcopy(base)
     hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     variants = [("full fine-tuning", base, None), ("HF gradient checkpointing", hf, None),
-                ("revify checkpoint", revify.revify(copy.deepcopy(base), inputs, strategy="checkpoint"), None)]
+                ("revify checkpoint (planner)", revify.revify(copy.deepcopy(base), inputs, strategy="checkpoint"), None)]
     for coupling in COUPLINGS:
         t0 = time.perf_counter()
         rmodel = revify.revify(copy.deepcopy(base), inputs, strategy="reversible", coupling=coupling)
