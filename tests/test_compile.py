@@ -22,15 +22,8 @@ from zoo import PreLNBlock
 
 GRAD_RTOL = {"aot_eager": 0.0, "inductor": 1e-5}
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second OpenMP thread only adds synchronisation, which on a
-    # busy shared machine made these steps up to 100x slower (measured)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Encoder(nn.Module):

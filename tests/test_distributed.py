@@ -31,17 +31,9 @@ STEPS = 3
 TOL = {"checkpoint": 1e-5, "reversible": 1e-4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second OpenMP thread only adds synchronisation, which on a
-    # busy shared machine made these steps up to 100x slower (measured)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with the gloo backend is not available")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with the gloo backend is not available")]
 
 
 def _converted(strategy: str) -> nn.Module:

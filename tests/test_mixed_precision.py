@@ -20,15 +20,8 @@ from zoo import ALL_CASES, MLPResNet, ZooCase, _logits_loss, train_step
 
 BF16 = "bfloat16, autocast cpu bfloat16"  # the chain input is bf16: it comes out of an autocast Linear
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second OpenMP thread only adds synchronisation, which on a
-    # busy shared machine made these steps up to 100x slower (measured)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _bf16():
