@@ -651,9 +651,8 @@ class _StepFunction(torch.autograd.Function):
         anchor = (saved.pop(0), saved.pop(0)) if anchor_saved else None
         final = (saved.pop(0), saved.pop(0)) if last else None
         side, saved = saved[:n_side], saved[n_side:]
-        leaves = list(run.side_leaves)
-        it = iter(side)
-        leaves = [next(it) if isinstance(t, torch.Tensor) else t for t in leaves]
+        it = iter(side)  # the saved side tensors, in their places among the other leaves
+        leaves = [next(it) if isinstance(t, torch.Tensor) else t for t in run.side_leaves]
         args, kwargs = tree_unflatten(leaves, run.side_spec)
         per_state = 2 if run.device.type == "cuda" else 1
         rng = [saved[c * per_state:(c + 1) * per_state] for c in range(n_rng_calls)]
