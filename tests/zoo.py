@@ -6,12 +6,18 @@ where the architecture has it), example inputs and a loss function.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# the MLP-ResNet is shared with bench/planner_bench.py
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from toy_models import MLPResNet  # noqa: E402
 
 
 @dataclass
@@ -40,31 +46,6 @@ def train_step(model: nn.Module, case: ZooCase, seed: int = 1) -> tuple[torch.Te
 def _logits_loss(out) -> torch.Tensor:
     logits = out.logits if hasattr(out, "logits") else out
     return logits.float().pow(2).mean()
-
-
-class ResidualMLPBlock(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, 2 * dim)
-        self.fc2 = nn.Linear(2 * dim, dim)
-
-    def forward(self, x):
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
-
-
-class MLPResNet(nn.Module):
-    def __init__(self, dim=32, n_blocks=6):
-        super().__init__()
-        self.inp = nn.Linear(dim, dim)
-        self.blocks = nn.ModuleList(ResidualMLPBlock(dim) for _ in range(n_blocks))
-        self.out = nn.Linear(dim, 10)
-
-    def forward(self, x):
-        x = self.inp(x)
-        for b in self.blocks:
-            x = b(x)
-        return self.out(x)
 
 
 class BasicBlock(nn.Module):
