@@ -6,8 +6,9 @@
    rest of the sequence reveals). Report its masked-token accuracy against
    chance and against reference predictors that see only the neighbours of
    the masked token, then ``save_pretrained`` it.
-2. Fine-tune it on a different task, topic-switch detection (does the
-   sequence change topic?), from a small labelled set, with each method:
+2. Fine-tune it on a different task, corruption detection (were some of the
+   sequence's tokens replaced by random ones?), a sequence-level label never
+   seen in pre-training, with each method:
 
    ============================  ==================================================  =========
    method                        what trains, how                                    LR family
@@ -44,8 +45,10 @@ Model size. The issue suggests 6 layers, hidden 256; that is the full mode
 (heads 4, FFN 1024, sequences of 64 tokens). On 2 shared CPU cores its
 pre-training plus 7 methods × 3 seeds of fine-tuning takes hours (see
 BENCHMARKS.md for measured step times), so ``--quick`` uses 4 layers,
-hidden 128 and fewer steps; it still pre-trains to well above the
-neighbours-only reference and shows the comparison.
+hidden 128 and fewer steps. Its encoder learns the transition statistics
+(masked-token accuracy 47%, chance 1.6%) but not the topics (it stays below
+the neighbours-only reference), which is why the downstream task tests
+what it did learn.
 
     python examples/finetune_parity.py --quick              # minutes
     python examples/finetune_parity.py                      # full mode: hours on 2 CPU cores
@@ -74,7 +77,7 @@ import revify  # noqa: E402
 from revify.measure import StepMeasurement, measure_step  # noqa: E402
 from revify.units import format_bytes  # noqa: E402
 from synthetic_tasks import PAD, TopicLanguage, make_language, mask_tokens, mlm_baselines, sample  # noqa: E402
-from synthetic_tasks import switch_bayes_accuracy  # noqa: E402
+from synthetic_tasks import corrupt, likelihood_reference_accuracy  # noqa: E402
 
 METHODS = ("full", "checkpoint", "stored", "meft1", "meft2", "meft3", "revnet")
 LABELS = {"full": "full fine-tuning", "checkpoint": "revify checkpoint",
@@ -98,14 +101,25 @@ class ParityConfig:
     topic_weight: float = 0.35
     pretrain_steps: int = 3000
     pretrain_batch: int = 64
-    pretrain_lr: float = 5e-4
-    n_train: int = 2000
+    pretrain_lr: float = 1e-3
+    # Pre-training draws fresh sequences every step, so there is nothing for dropout to
+    # regularise; with BERT's 0.1 the quick model sat on the unigram plateau (5.1% masked-token
+    # accuracy after 1500 steps), without it it leaves the plateau within ~1000 steps.
+    # Fine-tuning uses BERT's default 0.1 (the saved config), so dropout masks are exercised.
+    pretrain_dropout: float = 0.0
+    # Downstream: each content token of a corrupted sequence is replaced with this probability.
+    # Topic-switch detection (``switch_posterior``: Bayes-optimal 94% on test) was tried
+    # first; at the quick size no method beat chance in 600 steps, even with 19200 examples.
+    corrupt_rate: float = 0.3
+    n_train: int = 25600
     n_val: int = 500
     n_test: int = 2000
     ft_steps: int = 600
     ft_batch: int = 32
     seeds: tuple[int, ...] = (0, 1, 2)
-    lr: dict = field(default_factory=lambda: {"full": 1e-4, "peft": 1e-3})
+    # tried on the validation split of the quick mode (seed 0, 400 steps): full fine-tuning at 3e-4
+    # reached 82% val accuracy; meft1 at 3e-3 59%, at 1e-2 55%. --lr-sweep searches more widely.
+    lr: dict = field(default_factory=lambda: {"full": 3e-4, "peft": 3e-3})
 
     def task_key(self) -> dict:
         """The fields a saved pre-trained model must agree with to be reused."""
@@ -113,8 +127,8 @@ class ParityConfig:
                                               "topic_weight")}
 
 
-QUICK = dict(layers=4, hidden=128, heads=4, pretrain_steps=1500, pretrain_batch=32, pretrain_lr=1e-3,
-             n_train=1000, n_val=300, n_test=1000, ft_steps=200, ft_batch=32)
+QUICK = dict(layers=4, hidden=128, heads=4, pretrain_steps=4000, pretrain_batch=32, pretrain_lr=1e-3,
+             n_train=12800, n_val=300, n_test=1000, ft_steps=400, ft_batch=32)
 
 
 def bert_config(cfg: ParityConfig, lang: TopicLanguage):
@@ -170,7 +184,9 @@ def pretrain(cfg: ParityConfig, lang: TopicLanguage, out_dir: str, log: Callable
     """MLM from scratch on fresh sequences every step; saves the encoder with ``save_pretrained``."""
     from transformers import BertForMaskedLM
     torch.manual_seed(cfg.language_seed)
-    model = BertForMaskedLM(bert_config(cfg, lang)).train()
+    config = bert_config(cfg, lang)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.pretrain_dropout
+    model = BertForMaskedLM(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
     sched = _schedule(opt, cfg.pretrain_steps)
     g = torch.Generator().manual_seed(1)
@@ -192,6 +208,9 @@ def pretrain(cfg: ParityConfig, lang: TopicLanguage, out_dir: str, log: Callable
                 f"({(time.perf_counter() - t0) / (step + 1):.2f} s/step)")
     seconds = time.perf_counter() - t0
     acc, refs = mlm_accuracy(model, lang)
+    default = bert_config(cfg, lang)  # fine-tuning runs with BERT's dropout
+    model.config.hidden_dropout_prob = default.hidden_dropout_prob
+    model.config.attention_probs_dropout_prob = default.attention_probs_dropout_prob
     model.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "parity_task.json"), "w") as f:
         json.dump(cfg.task_key(), f)
@@ -218,14 +237,15 @@ class Splits:
     train: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
-    bayes_test: float  # the best accuracy any classifier can reach on the test split
+    reference_test: float  # a classifier that knows the generator's tables (threshold fit on train)
 
 
 def make_splits(cfg: ParityConfig, lang: TopicLanguage) -> Splits:
     train, val, test = (sample(lang, n, seed=1 + i)  # pre-training draws seeds >= 100000: no overlap
                         for i, n in enumerate((cfg.n_train, cfg.n_val, cfg.n_test)))
-    return Splits((train.ids, train.switched), (val.ids, val.switched), (test.ids, test.switched),
-                  switch_bayes_accuracy(lang, test))
+    train, val, test = (corrupt(lang, c, cfg.corrupt_rate, seed=50 + i) for i, c in enumerate((train, val, test)))
+    return Splits((train.ids, train.labels), (val.ids, val.labels), (test.ids, test.labels),
+                  likelihood_reference_accuracy(lang, train, test))
 
 
 class StoredActivations(nn.Module):
@@ -385,8 +405,9 @@ def format_table(cfg: ParityConfig, pre: PretrainResult, splits: Splits, rows: l
         f"pre-training: {pre.steps or 'reused'} steps × {cfg.pretrain_batch} sequences, masked-token accuracy "
         f"{100 * pre.mlm_accuracy:.1f}% (chance {100 * refs['chance']:.1f}%, neighbours-only reference "
         f"{100 * refs['neighbours']:.1f}%, neighbours + true topic {100 * refs['neighbours+topic']:.1f}%)",
-        f"downstream: topic-switch detection, {cfg.n_train} train / {cfg.n_val} val / {cfg.n_test} test, "
-        f"chance 50%, Bayes-optimal {100 * splits.bayes_test:.1f}% on test; {cfg.ft_steps} steps × batch "
+        f"downstream: corruption detection (rate {cfg.corrupt_rate}), {cfg.n_train} train / {cfg.n_val} val / "
+        f"{cfg.n_test} test, chance 50%, reference that knows the generator {100 * splits.reference_test:.1f}% "
+        f"on test; {cfg.ft_steps} steps × batch "
         f"{cfg.ft_batch}, seeds {list(cfg.seeds)}",
         f"{'method':29} {'lr':>6} {'trainable':>9} {'test acc':>13} {'val':>5} {'Δfull':>6} "
         f"{'saved':>10} {'/full':>6} {'retained':>10} {'/full':>6} {'peak':>10} {'/full':>6} {'step':>7} "

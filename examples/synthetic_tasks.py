@@ -204,3 +204,44 @@ def switch_bayes_accuracy(lang: TopicLanguage, corpus: Corpus) -> float:
     """The best accuracy any classifier can reach on ``corpus`` (the Bayes decision)."""
     pred = (switch_posterior(lang, corpus.ids) > 0.5).long()
     return (pred == corpus.switched).double().mean().item()
+
+
+@dataclass(frozen=True)
+class Labelled:
+    ids: torch.Tensor  # (N, L) int64, ids[:, 0] == CLS
+    labels: torch.Tensor  # (N,) int64
+
+
+def corrupt(lang: TopicLanguage, corpus: Corpus, rate: float, seed: int) -> Labelled:
+    """Corruption detection: half the sequences get each content token replaced with probability ``rate``.
+
+    A replaced token is uniform over content tokens, so it breaks the transitions on both
+    sides of it; spotting that needs the transition statistics masked-token pre-training
+    learns, and nothing about topics. Label 1: corrupted.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n, length = corpus.ids.shape
+    label = torch.rand(n, generator=g) < 0.5
+    hit = (torch.rand(n, length, generator=g) < rate) & label[:, None]
+    hit[:, 0] = False
+    noise = torch.randint(N_SPECIAL, N_SPECIAL + lang.n_content, (n, length), generator=g)
+    return Labelled(torch.where(hit, noise, corpus.ids), label.long())
+
+
+def likelihood_scores(lang: TopicLanguage, ids: torch.Tensor) -> torch.Tensor:
+    """Mean log-likelihood per transition under the true tables, topic unknown (mixture over topics).
+
+    A sequence-level score a reference classifier thresholds: it knows the generator,
+    which no trained model does.
+    """
+    x = ids - N_SPECIAL
+    lp = lang.tables.log()[:, x[:, 1:-1], x[:, 2:]].sum(-1)  # (K, N): log-lik of every transition per topic
+    return (torch.logsumexp(lp, 0) - math.log(lang.n_topics)) / (x.shape[1] - 2)
+
+
+def likelihood_reference_accuracy(lang: TopicLanguage, fit: Labelled, test: Labelled) -> float:
+    """Accuracy on ``test`` of the best threshold on :func:`likelihood_scores`, chosen on ``fit``."""
+    s_fit, s_test = likelihood_scores(lang, fit.ids), likelihood_scores(lang, test.ids)
+    best = max(s_fit.tolist(), key=lambda t: ((s_fit < t).long() == fit.labels).double().mean().item())
+    return ((s_test < best).long() == test.labels).double().mean().item()
+

@@ -123,3 +123,21 @@ def test_references_order_the_predictors():
     # calibrated: among confident calls the error rate is small
     confident = (posterior - 0.5).abs() > 0.45
     assert ((posterior[confident] > 0.5).long() == corpus.switched[confident]).double().mean() > 0.95
+
+
+def test_corruption_task_labels_and_reference():
+    lang = st.make_language(seq_len=32)
+    corpus = st.sample(lang, 2000, seed=5)
+    data = st.corrupt(lang, corpus, rate=0.3, seed=6)
+    clean = data.labels == 0
+    assert 0.45 < (~clean).double().mean() < 0.55
+    assert torch.equal(data.ids[clean], corpus.ids[clean])  # label 0: untouched
+    assert torch.equal(data.ids[:, 0], corpus.ids[:, 0])  # [CLS] never replaced
+    changed = (data.ids[~clean, 1:] != corpus.ids[~clean, 1:]).double().mean().item()
+    # a replacement draws the same token again with probability 1/64
+    assert abs(changed - 0.3 * (1 - 1 / lang.n_content)) < 0.02
+    fit = st.corrupt(lang, st.sample(lang, 2000, seed=7), rate=0.3, seed=8)
+    ref = st.likelihood_reference_accuracy(lang, fit, data)
+    assert 0.9 < ref < 1.0  # learnable from transition statistics, not trivial
+    weak = st.likelihood_reference_accuracy(lang, fit, st.corrupt(lang, corpus, rate=0.05, seed=6))
+    assert weak < ref  # the rate threshold fit on 0.3 separates less at 0.05
