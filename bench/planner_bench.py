@@ -14,9 +14,11 @@ Models: BERT-base shape (12 layers, hidden 768, batch 4, seq 128) and a
   (the compiler's knapsack over recomputable ops).
 
 Measured per variant (``revify.measure``): bytes kept for backward, the peak
-(eager only), and the median step time, as a ratio to each family's own
+(eager only), and the step time as a ratio to each family's own
 no-recompute baseline (plain eager; compile at budget 1.0), so the ratio is
-the cost of recomputation. "kept" is, for eager variants, the bytes the step
+the cost of recomputation. Each ratio is the median over ``--repeats`` of a
+variant's step divided by a plain eager step run right after it, so the
+machine's drift over minutes cancels; compile rows divide two such ratios. "kept" is, for eager variants, the bytes the step
 created that are alive when backward starts (it sees what selective
 checkpointing caches, which saved-tensor hooks do not); for compiled ones it
 is the saved-tensor-hook bytes, because the live-storage tracker makes dynamo
@@ -36,7 +38,9 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -55,30 +59,8 @@ from revify.passes.solve_schedule import min_budget, path_peak, solve
 from revify.report import default_loss_fn
 from revify.units import format_bytes
 
-
-class ResidualMLPBlock(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, 2 * dim)
-        self.fc2 = nn.Linear(2 * dim, dim)
-
-    def forward(self, x):
-        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
-
-
-class MLPResNet(nn.Module):
-    def __init__(self, dim: int, n_blocks: int):
-        super().__init__()
-        self.inp = nn.Linear(dim, dim)
-        self.blocks = nn.ModuleList(ResidualMLPBlock(dim) for _ in range(n_blocks))
-        self.out = nn.Linear(dim, 10)
-
-    def forward(self, x):
-        x = self.inp(x)
-        for b in self.blocks:
-            x = b(x)
-        return self.out(x)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from toy_models import MLPResNet  # noqa: E402  (the test zoo's MLP-ResNet)
 
 
 def build(name: str, args) -> tuple[nn.Module, object]:
@@ -94,19 +76,32 @@ def build(name: str, args) -> tuple[nn.Module, object]:
     return model, (torch.randn(args.rows, args.dim),)
 
 
-def _timed(m, inputs, repeats: int) -> float:
-    """Median step time with no measuring mode active (a dispatch mode would make dynamo recompile)."""
-    times = []
-    for k in range(repeats + 1):
-        for p in m.parameters():
-            p.grad = None
-        t0 = time.perf_counter()
-        default_loss_fn(m(**inputs) if isinstance(inputs, dict) else m(*inputs)).backward()
-        if k:  # the first step warms up
-            times.append(time.perf_counter() - t0)
+def _step(m, inputs) -> float:
     for p in m.parameters():
         p.grad = None
-    return statistics.median(times)
+    t0 = time.perf_counter()
+    default_loss_fn(m(**inputs) if isinstance(inputs, dict) else m(*inputs)).backward()
+    return time.perf_counter() - t0
+
+
+def _timed(m, plain, inputs, repeats: int) -> tuple[float, float]:
+    """(fastest step time, median of paired ratios to plain eager) with no measuring mode active.
+
+    Steps of ``m`` alternate with steps of the plain model and each is divided by its
+    neighbour: on shared cores the machine's speed drifts by 10-20% over minutes, which
+    a ratio of two separate timings would read as recompute (a dispatch mode would make
+    dynamo recompile, so none is active here).
+    """
+    _step(m, inputs), _step(plain, inputs)  # warm-up
+    times, ratios = [], []
+    for _ in range(repeats):
+        t, base = _step(m, inputs), _step(plain, inputs)
+        times.append(t)
+        ratios.append(t / base)
+    for mod in (m, plain):
+        for p in mod.parameters():
+            p.grad = None
+    return min(times), statistics.median(ratios)
 
 
 def _plans(solution, chains) -> list[ChainPlan]:
@@ -131,11 +126,11 @@ def run_model(name: str, args) -> list[str]:
     def measure(label, family, m, predicted=None):
         if family == "compile":
             saved, _ = measure_saved_bytes(m, inputs, loss)  # hooks work inside compiled graphs
-            rows.append((label, family, saved, saved, None, _timed(m, inputs, args.repeats), predicted))
+            rows.append((label, family, saved, saved, None, *_timed(m, model, inputs, args.repeats), predicted))
         else:
-            meas = measure_step(m, inputs, loss, repeats=args.repeats)
+            meas = measure_step(m, inputs, loss, repeats=1, warmup=0)  # memory; time as for compile below
             rows.append((label, family, meas.retained_bytes, meas.saved_bytes, meas.peak_bytes,
-                         meas.step_time_s, predicted))
+                         *_timed(m, model, inputs, args.repeats), predicted))
         print(f"  measured {label}", flush=True)
 
     measure("plain (no recompute)", "eager", model)
@@ -150,7 +145,11 @@ def run_model(name: str, args) -> list[str]:
     for kind, top in (("peak", plain_peak), ("activations", plain_kept)):
         problem = problems[kind]
         smallest, _ = min_budget(problem)
-        budgets = sorted({smallest + max(0, top - smallest) * k // (args.points - 1) for k in range(args.points)})
+        budgets = {smallest + max(0, top - smallest) * k // (args.points - 1) for k in range(args.points)}
+        # and exactly what each fixed schedule measured: the comparison at equal memory
+        col = 4 if kind == "peak" else 2
+        budgets |= {r[col] for r in rows[1:] if r[col] is not None and r[col] >= smallest}
+        budgets = sorted(budgets)
         seen = set()
         for budget in budgets:
             sol = solve(problem, budget)
@@ -160,7 +159,7 @@ def run_model(name: str, args) -> list[str]:
             m, _ = rewrite_checkpoint(model, _plans(sol, chains))
             measure(f"revify {kind} budget {format_bytes(budget)}", "eager", m, (sol.peak, sol.cost))
     # one budget through the public call: the same passes, so the same plan up to timing noise
-    public = revify.revify(model, inputs, memory_budget=rows[-1][6][0] if rows[-1][6] else None,
+    public = revify.revify(model, inputs, memory_budget=rows[-1][7][0] if rows[-1][7] else None,
                            budget_for="activations")
     print(f"  revify() public call: {public.revify_plan.budget.budget_for} budget "
           f"{format_bytes(public.revify_plan.budget.budget)}, segments "
@@ -213,17 +212,18 @@ def _table(name: str, args, rows, plan_s: float, smallest: dict[str, int]) -> li
            f"{format_bytes(smallest['peak'])}, activations {format_bytes(smallest['activations'])}",
            f"{'variant':40} {'kept':>10} {'/plain':>6} {'saved':>10} {'peak':>10} {'/plain':>6} {'pred':>10} "
            f"{'step':>8} {'xbase':>6} {'pred recompute':>14}"]
-    for label, family, kept, saved, peak, step_s, predicted in rows:
-        base = plain if family == "eager" else base_compile
+    for label, family, kept, saved, peak, step_s, ratio, predicted in rows:
+        xbase = ratio if family == "eager" else ratio / base_compile[6]
         pred = format_bytes(predicted[0]) if predicted else "-"
         pred_cost = f"{predicted[1] * 1e3:.0f} ms" if predicted else "-"
         peak_s = format_bytes(peak) if peak is not None else "n/a"
         peak_r = f"{peak / plain[4]:6.3f}" if peak is not None else f"{'':6}"
         out.append(f"{label:40} {format_bytes(kept):>10} {kept / plain[2]:6.3f} {format_bytes(saved):>10} "
-                   f"{peak_s:>10} {peak_r} {pred:>10} {step_s * 1e3:6.0f}ms {step_s / base[5]:6.2f} {pred_cost:>14}")
+                   f"{peak_s:>10} {peak_r} {pred:>10} {step_s * 1e3:6.0f}ms {xbase:6.2f} {pred_cost:>14}")
     out.append("kept: bytes alive when backward starts (eager; compile: saved-tensor bytes); pred: the planner's "
                "predicted peak (peak budgets, fixed schedules) or kept bytes (activation budgets); xbase: step "
-               "time over plain eager (eager rows) or over torch.compile at budget 1 (compile rows)")
+               "time over plain eager (eager rows) or over torch.compile at budget 1 (compile rows), the median "
+               "of ratios to plain eager steps run alternately with the variant's; step: the fastest step")
     out += _verdicts(rows)
     return out
 
@@ -243,23 +243,36 @@ def _verdicts(rows) -> list[str]:
             if not fits:
                 lines.append(f"{kind}: {r[0]} ({what} {format_bytes(r[col])}): no revify point at or below it")
                 continue
-            best = min(fits, key=lambda o: o[5])
-            verdict = "dominates or ties" if best[5] <= r[5] * 1.05 else "slower"
-            lines.append(f"{kind}: {r[0]} ({what} {format_bytes(r[col])}, step x{r[5] / plain[5]:.2f}); revify at no "
-                         f"more {what}: step x{best[5] / plain[5]:.2f} — {verdict}")
-    compiled = [r for r in rows if r[1] == "compile"]
+            best = min(fits, key=lambda o: o[6])
+            verdict = "dominates or ties" if best[6] <= r[6] * 1.05 else "slower"
+            lines.append(f"{kind}: {r[0]} ({what} {format_bytes(r[col])}, step x{r[6]:.2f}); revify at no "
+                         f"more {what}: step x{best[6]:.2f} — {verdict}")
+    compiled = sorted((r for r in rows if r[1] == "compile"), key=lambda r: r[2])
     if compiled:
-        base = compiled[0]
+        base = next(r for r in rows if r[1] == "compile")  # budget 1: no recompute
+        curve = [(c[2], c[6] / base[6]) for c in compiled]
         for o in (r for r in eager if r[0].startswith("revify activations")):
-            under = [c for c in compiled if c[2] <= o[2] * 1.01]
-            if not under:
-                lines.append(f"vs compile: {o[0]} (kept {format_bytes(o[2])}): no compile point keeps as little")
-                continue
-            c = min(under, key=lambda c: c[5])
-            ours_over, theirs_over = o[5] / plain[5] - 1, c[5] / base[5] - 1
-            lines.append(f"vs compile: {o[0]} (kept {format_bytes(o[2])}): recompute overhead {ours_over:+.0%} in "
-                         f"eager; torch.compile at {c[0].split()[-1]} (kept {format_bytes(c[2])}) {theirs_over:+.0%}")
+            ours, theirs = o[6], _interpolate(curve, o[2])
+            verdict = "within 10%" if ours <= 1.10 * theirs else "NOT within 10%"
+            lines.append(f"vs compile: {o[0]} (kept {format_bytes(o[2])}): step x{ours:.2f} in eager; "
+                         f"torch.compile's knapsack at the same kept bytes x{theirs:.2f} — {verdict}")
     return lines
+
+
+def _interpolate(curve: list[tuple[int, float]], kept: int) -> float:
+    """Compile's step ratio at ``kept`` bytes: linear between its two nearest measured budgets.
+
+    Beyond its largest point compile recomputes nothing, so the ratio there holds; below its
+    smallest one it is taken as its smallest point's (which keeps less, so favours compile).
+    """
+    below = [p for p in curve if p[0] <= kept]
+    above = [p for p in curve if p[0] >= kept]
+    if not below:
+        return above[0][1]
+    if not above:
+        return below[-1][1]
+    (k0, r0), (k1, r1) = below[-1], above[0]
+    return r0 if k1 == k0 else r0 + (r1 - r0) * (kept - k0) / (k1 - k0)
 
 
 def main() -> None:
@@ -275,7 +288,7 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=6, help="revify budgets in the sweep")
     ap.add_argument("--compile-budgets", type=float, nargs="+", default=[1.0, 0.7, 0.4, 0.2, 0.1, 0.0])
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per variant (the fastest counts)")
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
     args = ap.parse_args()
     if args.quick:
