@@ -42,7 +42,7 @@ backward, bytes retained when backward starts, peak live tensor bytes
 (parameter gradients included), and the median forward+backward time.
 
 Model size. The issue suggests 6 layers, hidden 256; that is the full mode
-(heads 4, FFN 1024, sequences of 64 tokens). On 2 shared CPU cores its
+(heads 4, FFN 1024, sequences of 32 tokens). On 2 shared CPU cores its
 pre-training plus 7 methods × 3 seeds of fine-tuning takes hours (see
 BENCHMARKS.md for measured step times), so ``--quick`` uses 4 layers,
 hidden 128 and fewer steps. Its encoder learns the transition statistics
