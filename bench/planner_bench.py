@@ -18,9 +18,10 @@ Measured per variant (``revify.measure``): bytes kept for backward, the peak
 no-recompute baseline (plain eager; compile at budget 1.0), so the ratio is
 the cost of recomputation. Each ratio is the median over ``--repeats`` of a
 variant's step divided by a plain eager step run right after it, so the
-machine's drift over minutes cancels; compile rows divide two such ratios. "kept" is, for eager variants, the bytes the step
-created that are alive when backward starts (it sees what selective
-checkpointing caches, which saved-tensor hooks do not); for compiled ones it
+machine's drift over minutes cancels; compile rows divide two such ratios.
+"kept" is, for eager variants, the bytes the step created that are alive
+when backward starts (it sees what selective checkpointing caches, which
+saved-tensor hooks do not); for compiled ones it
 is the saved-tensor-hook bytes, because the live-storage tracker makes dynamo
 fall back to eager. For plain eager both are printed: they differ by the
 inputs. The planner's predicted peak and recompute are printed beside the
@@ -49,7 +50,7 @@ from torch.utils.checkpoint import checkpoint_sequential
 
 import revify
 from revify.api import analyse_model
-from revify.measure import measure_saved_bytes, measure_step
+from revify.measure import measure_saved_bytes, measure_training_memory
 from revify.passes.plan_budget import build_problem, schedule_path
 from revify.passes.plan_checkpoint import ChainPlan, Segment, plan_checkpoint
 from revify.passes.profile_blocks import profile_chains
@@ -128,8 +129,8 @@ def run_model(name: str, args) -> list[str]:
             saved, _ = measure_saved_bytes(m, inputs, loss)  # hooks work inside compiled graphs
             rows.append((label, family, saved, saved, None, *_timed(m, model, inputs, args.repeats), predicted))
         else:
-            meas = measure_step(m, inputs, loss, repeats=1, warmup=0)  # memory; time as for compile below
-            rows.append((label, family, meas.retained_bytes, meas.saved_bytes, meas.peak_bytes,
+            mem = measure_training_memory(m, inputs, loss)  # timed below, as compile is
+            rows.append((label, family, mem.retained_bytes, mem.saved_bytes, mem.peak_bytes,
                          *_timed(m, model, inputs, args.repeats), predicted))
         print(f"  measured {label}", flush=True)
 
@@ -288,7 +289,7 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=6, help="revify budgets in the sweep")
     ap.add_argument("--compile-budgets", type=float, nargs="+", default=[1.0, 0.7, 0.4, 0.2, 0.1, 0.0])
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--repeats", type=int, default=5, help="timed steps per variant (the fastest counts)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per variant, each paired with a plain eager step")
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
     args = ap.parse_args()
     if args.quick:

@@ -185,6 +185,7 @@ def pretrain(cfg: ParityConfig, lang: TopicLanguage, out_dir: str, log: Callable
     from transformers import BertForMaskedLM
     torch.manual_seed(cfg.language_seed)
     config = bert_config(cfg, lang)
+    finetune_dropout = config.hidden_dropout_prob, config.attention_probs_dropout_prob
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.pretrain_dropout
     model = BertForMaskedLM(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
@@ -208,9 +209,7 @@ def pretrain(cfg: ParityConfig, lang: TopicLanguage, out_dir: str, log: Callable
                 f"({(time.perf_counter() - t0) / (step + 1):.2f} s/step)")
     seconds = time.perf_counter() - t0
     acc, refs = mlm_accuracy(model, lang)
-    default = bert_config(cfg, lang)  # fine-tuning runs with BERT's dropout
-    model.config.hidden_dropout_prob = default.hidden_dropout_prob
-    model.config.attention_probs_dropout_prob = default.attention_probs_dropout_prob
+    model.config.hidden_dropout_prob, model.config.attention_probs_dropout_prob = finetune_dropout
     model.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "parity_task.json"), "w") as f:
         json.dump(cfg.task_key(), f)

@@ -179,13 +179,17 @@ def mlm_baselines(lang: TopicLanguage, corpus: Corpus, labels: torch.Tensor) -> 
             "neighbours+topic": (with_topic == truth).double().mean().item()}
 
 
+def transition_logliks(lang: TopicLanguage, ids: torch.Tensor) -> torch.Tensor:
+    """(K, N, L-2): log P(x_t | x_{t-1}, z) for every topic z and content position t >= 2."""
+    x = ids - N_SPECIAL
+    return lang.tables.log()[:, x[:, 1:-1], x[:, 2:]]
+
+
 def switch_posterior(lang: TopicLanguage, ids: torch.Tensor) -> torch.Tensor:
     """Exact P(switched | sequence) under the generator (prior 1/2, change point and topics uniform)."""
-    x = ids - N_SPECIAL
-    logt = lang.tables.log()
     # lp[n, t, z] = log P(x_t | x_{t-1}, z) for t >= 2 (x_1 is uniform: no information)
-    lp = logt[:, x[:, 1:-1], x[:, 2:]].permute(1, 2, 0)
-    lp = torch.cat([torch.zeros(x.shape[0], 2, lang.n_topics, dtype=lp.dtype), lp], 1)  # index = position
+    lp = transition_logliks(lang, ids).permute(1, 2, 0)
+    lp = torch.cat([torch.zeros(ids.shape[0], 2, lang.n_topics, dtype=lp.dtype), lp], 1)  # index = position
     cum = lp.cumsum(1)  # cum[:, t] = log-lik of positions 0..t
     total = cum[:, -1]  # (N, K)
     k = lang.n_topics
@@ -234,9 +238,8 @@ def likelihood_scores(lang: TopicLanguage, ids: torch.Tensor) -> torch.Tensor:
     A sequence-level score a reference classifier thresholds: it knows the generator,
     which no trained model does.
     """
-    x = ids - N_SPECIAL
-    lp = lang.tables.log()[:, x[:, 1:-1], x[:, 2:]].sum(-1)  # (K, N): log-lik of every transition per topic
-    return (torch.logsumexp(lp, 0) - math.log(lang.n_topics)) / (x.shape[1] - 2)
+    lp = transition_logliks(lang, ids)
+    return (torch.logsumexp(lp.sum(-1), 0) - math.log(lang.n_topics)) / lp.shape[-1]
 
 
 def likelihood_reference_accuracy(lang: TopicLanguage, fit: Labelled, test: Labelled) -> float:
