@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from .find_chains import Chain
 
-POLICIES = ("recompute", "save_matmuls")
+POLICIES = ("recompute", "save_matmuls", "save_ops")
 SCHEDULES = ("sqrt(n)", "per-block", "budget")  # "budget": plan_budget
 
 
@@ -38,21 +38,33 @@ class Segment:
 
     ``policy="recompute"`` keeps only the segment's input; ``"save_matmuls"``
     also keeps the outputs of matrix multiplications inside it (selective
-    checkpointing), so backward recomputes only the cheap ops between them.
+    checkpointing), so backward recomputes only the cheap ops between them;
+    ``"save_ops"`` keeps the outputs of the ops the budget planner chose,
+    listed per block in ``saved_ops`` as ``(index, op name)`` pairs (index:
+    position among the ops of the block's forward).
     """
 
     start: int
     end: int
     policy: str = "recompute"
+    saved_ops: tuple[tuple[tuple[int, str], ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:
             raise ValueError(f"empty or negative segment [{self.start}, {self.end})")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown segment policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if (self.policy == "save_ops") != (self.saved_ops is not None):
+            raise ValueError("saved_ops goes with policy 'save_ops', and only with it")
+        if self.saved_ops is not None and len(self.saved_ops) != self.end - self.start:
+            raise ValueError(f"segment [{self.start}, {self.end}) needs one list of saved ops per block, "
+                             f"got {len(self.saved_ops)}")
 
     def describe(self) -> str:
         span = f"{self.start}" if self.end - self.start == 1 else f"{self.start}-{self.end - 1}"
+        if self.policy == "save_ops":
+            kept = sum(len(ops) for ops in self.saved_ops)
+            return f"{span} (save_ops: {kept} op outputs kept)"
         return span if self.policy == "recompute" else f"{span} ({self.policy})"
 
 

@@ -61,7 +61,8 @@ def rewrite_checkpoint(model: nn.Module, plans: list[ChainPlan],
             for name in (n for b in blocks[start:end] for n in b.mutated_buffers):
                 owner_path, _, buf_name = name.rpartition(".")
                 buffers.append((rmodel.get_submodule(owner_path), buf_name))
-            seg = CheckpointSegment(modules, blocks[start].call.hidden_slot, buffers, segment.policy)
+            seg = CheckpointSegment(modules, blocks[start].call.hidden_slot, buffers, segment.policy,
+                                    segment.saved_ops)
             seg.install()
             segments.append(seg)
     return rmodel, segments

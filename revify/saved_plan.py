@@ -97,7 +97,7 @@ class RecordedPlan:
         """Parse and validate; malformed entries raise ``ValueError`` with the reason."""
         try:
             chains = tuple(RecordedCheckpointChain(tuple(c["blocks"]),
-                                                   tuple(Segment(int(s), int(e), str(p)) for s, e, p in c["segments"]),
+                                                   tuple(_segment_from_json(seg) for seg in c["segments"]),
                                                    str(c.get("schedule", "recorded")),
                                                    tuple(_known_extras(ChainPlan, c, _CHAIN_FIELDS).items()))
                            for c in d.get("chains", []))
@@ -105,6 +105,22 @@ class RecordedPlan:
             return cls(str(d["strategy"]), chains, reversible)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed plan entry ({type(exc).__name__}: {exc})") from None
+
+
+def _segment_from_json(seg: list) -> Segment:
+    """``[start, end, policy]``, and for ``save_ops`` a fourth item: per block, ``[[index, op], …]``."""
+    start, end, policy, *rest = seg
+    saved = None
+    if rest:
+        saved = tuple(tuple((int(i), str(op)) for i, op in block) for block in rest[0])
+    return Segment(int(start), int(end), str(policy), saved)
+
+
+def _segment_to_json(s: Segment) -> list:
+    entry: list = [s.start, s.end, s.policy]
+    if s.saved_ops is not None:
+        entry.append([[list(pair) for pair in block] for block in s.saved_ops])
+    return entry
 
 
 def _reversible_from_json(r: dict) -> RecordedReversibleChain:
@@ -145,7 +161,7 @@ def plan_to_json(plan: Plan, *, detail: bool = False) -> dict:
     for cp in plan.chains:
         entry = {"parent": cp.chain.parent, "blocks": [b.path for b in cp.chain.blocks],
                  "module_type": cp.chain.blocks[0].module_type,
-                 "segments": [[s.start, s.end, s.policy] for s in cp.segments], "schedule": cp.schedule,
+                 "segments": [_segment_to_json(s) for s in cp.segments], "schedule": cp.schedule,
                  "extra": _extras(cp, _CHAIN_FIELDS)}
         if detail:
             entry["block_info"] = _block_details(cp.chain)

@@ -117,27 +117,43 @@ def test_training_patterns_users_have():
 
 @pytest.mark.parametrize("name", ["pre_ln_transformer", "bert", "cnn_resnet"])
 def test_per_block_and_selective_segments_are_exact(name):
-    """Per-block segments, and selective segments keeping matmul outputs, give the original gradients."""
+    """Per-block segments, and selective segments keeping matmul outputs or the planner's op
+    choice (two thresholds), give the original gradients, dropout included."""
     from dataclasses import replace
 
     from revify.api import _analyse, convert
+    from revify.passes.chain_costs import saved_ops_plan, save_ops_thresholds
     from revify.passes.plan_checkpoint import Segment
+    from revify.passes.profile_blocks import profile_chains
 
     results = {}
-    for policy in ("recompute", "save_matmuls"):
+    for policy in ("recompute", "save_matmuls", "save_ops:all", "save_ops:some"):
         case = ALL_CASES[name]()
         plan, trace = _analyse(case.model, case.example_inputs, "checkpoint", None, "per-block")
-        plan.chains = [replace(cp, segments=tuple(Segment(s.start, s.end, policy) for s in cp.segments))
-                       for cp in plan.chains]
+        if policy.startswith("save_ops"):
+            profiles = profile_chains(case.model, [cp.chain for cp in plan.chains], repeats=1)
+            chains = []
+            for cp, prof in zip(plan.chains, profiles):
+                levels = save_ops_thresholds(prof.blocks)
+                assert levels, "no op of these blocks may be kept"
+                t = 0.0 if policy == "save_ops:all" else levels[len(levels) // 2]
+                chains.append(replace(cp, segments=tuple(
+                    Segment(s.start, s.end, "save_ops", saved_ops_plan(prof.blocks, s.start, s.end, t))
+                    for s in cp.segments)))
+            plan.chains = chains
+        else:
+            plan.chains = [replace(cp, segments=tuple(Segment(s.start, s.end, policy) for s in cp.segments))
+                           for cp in plan.chains]
         twin = copy.deepcopy(case.model)
         rmodel = convert(twin, plan, trace, case.example_inputs, strict=True)
         out_a, grads_a = _step(case.model, case)
         out_b, grads_b = _step(rmodel, case)
-        assert torch.equal(out_a, out_b)
-        assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+        assert torch.equal(out_a, out_b), policy
+        assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a), policy
         # selective checkpointing caches what it keeps outside saved-tensor hooks:
         # count everything alive when backward starts
         results[policy] = measure_memory(rmodel, case.example_inputs, case.loss_fn)[1]
         plain = measure_memory(case.model, case.example_inputs, case.loss_fn)[1]
-    # keeping matmul outputs costs memory, but still less than storing everything
+    # keeping op outputs costs memory; more ops kept, more memory
+    assert results["recompute"] < results["save_ops:some"] < results["save_ops:all"], results
     assert results["recompute"] < results["save_matmuls"] < plain, (results, plain)

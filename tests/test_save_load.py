@@ -177,6 +177,33 @@ def test_a_plan_mixing_checkpoint_and_reversible_chains_round_trips(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(rmodel.buffers(), loaded.buffers()))
 
 
+def test_selective_segments_round_trip_with_their_op_lists(tmp_path):
+    """A ``save_ops`` plan (the budget planner's op-level choice) is saved and rebuilt as is."""
+    from dataclasses import replace
+
+    from revify.api import analyse_model, convert
+    from revify.passes.chain_costs import saved_ops_plan
+    from revify.passes.plan_checkpoint import Segment, plan_checkpoint
+    from revify.passes.profile_blocks import profile_chains
+
+    case = ALL_CASES["mlp_resnet"]()
+    plan, trace, analysis = analyse_model(case.model, case.example_inputs, "checkpoint")
+    (chain,) = analysis.chains
+    (prof,) = profile_chains(case.model, [chain], repeats=1)
+    segments = tuple(Segment(i, i + 2, "save_ops", saved_ops_plan(prof.blocks, i, i + 2, 0.0))
+                     for i in range(0, len(chain.blocks) - 1, 2))
+    plan.chains = [replace(plan_checkpoint(chain, "per-block"), segments=segments)]
+    rmodel = convert(case.model, plan, trace, case.example_inputs)
+    dst = revify.save(rmodel, tmp_path / "selective", case.example_inputs)
+    loaded = revify.load(dst, model=MLPResNet())
+    assert loaded.revify_plan.chains[0].segments == segments
+    assert any(ops for s in segments for ops in s.saved_ops)
+    out_a, loss_a, grads_a = _outputs(rmodel, case)
+    out_b, loss_b, grads_b = _outputs(loaded, case)
+    assert torch.equal(out_a, out_b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+
+
 # --- refusals ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -167,8 +167,45 @@ def _save_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _context_fn(policy: str) -> Callable | None:
+@functools.lru_cache(maxsize=None)
+def _op_name(func) -> str:
+    return str(func)  # formatting an OpOverload costs microseconds; the policy asks on every op
+
+
+class SaveListedOps:
+    """Selective checkpointing policy: keep the outputs of the ops the planner listed.
+
+    ``saved_ops[k]`` lists ``(index, op name)`` pairs for the k-th block of a
+    segment; ``index`` counts the ops selective checkpointing sees in that
+    block's forward (``profile_blocks`` counts the same ones). The op name is
+    checked too, so a forward that runs different ops than when profiled
+    (another input shape taking another path) saves less, never a wrong
+    tensor. Any consistent choice is correct: what is not saved is
+    recomputed. One instance serves one checkpoint call; the segment tells it
+    which block runs (``enter``).
+    """
+
+    def __init__(self, saved_ops: tuple[tuple[tuple[int, str], ...], ...]):
+        self.saved = [dict(ops) for ops in saved_ops]
+        self.block = 0
+        self.index = 0
+
+    def enter(self, block: int) -> None:
+        self.block, self.index = block, 0
+
+    def __call__(self, ctx, func, *args, **kwargs) -> CheckpointPolicy:
+        # torch calls the policy in the forward only; the recompute replays its decisions
+        index = self.index
+        self.index += 1
+        if self.saved[self.block].get(index) == _op_name(func):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _context_fn(policy: str | SaveListedOps) -> Callable | None:
     """``context_fn`` for ``torch.utils.checkpoint``: None recomputes everything."""
+    if isinstance(policy, SaveListedOps):
+        return functools.partial(create_selective_checkpoint_contexts, policy)
     if policy == "recompute":
         return None
     if policy == "save_matmuls":
@@ -176,7 +213,7 @@ def _context_fn(policy: str) -> Callable | None:
     raise ValueError(f"unknown checkpoint policy {policy!r}")
 
 
-def _checkpoint(fn: Callable, policy: str, *args: Any, **kwargs: Any) -> Any:
+def _checkpoint(fn: Callable, policy: str | SaveListedOps, *args: Any, **kwargs: Any) -> Any:
     context_fn = _context_fn(policy)
     extra = {} if context_fn is None else {"context_fn": context_fn}
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
@@ -186,9 +223,15 @@ class CheckpointSegment:
     """Blocks [b_0 … b_m] of a chain, recomputed together in backward."""
 
     def __init__(self, blocks: list[nn.Module], hidden_slot: tuple[str, Any],
-                 mutated_buffers: list[tuple[nn.Module, str]], policy: str = "recompute"):
-        _context_fn(policy)  # unknown policies fail at conversion
+                 mutated_buffers: list[tuple[nn.Module, str]], policy: str = "recompute",
+                 saved_ops: tuple[tuple[tuple[int, str], ...], ...] | None = None):
+        if policy == "save_ops":
+            if saved_ops is None or len(saved_ops) != len(blocks):
+                raise ValueError("policy 'save_ops' needs one list of saved ops per block")
+        else:
+            _context_fn(policy)  # unknown policies fail at conversion
         self.policy = policy
+        self.saved_ops = saved_ops
         self.blocks = blocks
         self.forwards = [original_forward(b) for b in blocks]
         self.hidden_slot = hidden_slot
@@ -227,19 +270,31 @@ class CheckpointSegment:
             for module, name, buf in originals:
                 module._buffers[name] = buf
 
-    def _run_all(self, state: _RunState, *args: Any, **kwargs: Any) -> list[Any]:
+    def _policy(self, first_block: int = 0) -> str | SaveListedOps:
+        """The checkpoint policy for one call; ``save_ops`` needs a fresh counter per call."""
+        if self.policy != "save_ops":
+            return self.policy
+        policy = SaveListedOps(self.saved_ops)
+        policy.enter(first_block)
+        return policy
+
+    def _run_all(self, state: _RunState, policy: str | SaveListedOps, *args: Any, **kwargs: Any) -> list[Any]:
         state.calls += 1
         if state.calls == 1:
             state.buffers_before = [m._buffers[n].detach().clone() for m, n in self.mutated_buffers]
         first_run = state.calls == 1
         unshard_fsdp(self.blocks)  # blocks after the first (and all of them in recompute) run without hooks
         with self._buffers_swapped(state.buffers_before) if not first_run else _nothing():
+            if isinstance(policy, SaveListedOps):
+                policy.enter(0)
             outputs = [self.forwards[0](*args, **kwargs)]
-            for fwd in self.forwards[1:]:
+            for k, fwd in enumerate(self.forwards[1:], start=1):
                 hidden, _ = fed_tensor(outputs[-1])
                 if first_run:
                     state.rng_before.append(_rng_state(hidden.device))
                 args, kwargs = set_slot(args, kwargs, self.hidden_slot, hidden)
+                if isinstance(policy, SaveListedOps):
+                    policy.enter(k)
                 outputs.append(fwd(*args, **kwargs))
         return outputs
 
@@ -250,9 +305,10 @@ class CheckpointSegment:
         if not isinstance(get_slot(args, kwargs, self.hidden_slot), torch.Tensor):
             # called differently from the recorded call: this block alone, checkpointed
             self.fallback_calls += 1
-            return _checkpoint(functools.partial(self._run_one, 0), self.policy, *args, **kwargs)
+            return _checkpoint(functools.partial(self._run_one, 0), self._policy(0), *args, **kwargs)
         state = _RunState()
-        outputs = _checkpoint(functools.partial(self._run_all, state), self.policy, *args, **kwargs)
+        policy = self._policy()
+        outputs = _checkpoint(functools.partial(self._run_all, state, policy), policy, *args, **kwargs)
         if len(outputs) > 1:
             self.pending = _Pending(outputs, side_signature(args, kwargs, self.hidden_slot),
                                     [None] + state.rng_before)
@@ -280,7 +336,7 @@ class CheckpointSegment:
         if not torch.is_grad_enabled():
             return self.forwards[k](*args, **kwargs)
         self.fallback_calls += 1
-        return _checkpoint(functools.partial(self._run_one, k), self.policy, *args, **kwargs)
+        return _checkpoint(functools.partial(self._run_one, k), self._policy(k), *args, **kwargs)
 
     def _run_one(self, k: int, *args: Any, **kwargs: Any) -> Any:
         unshard_fsdp((self.blocks[k],))  # recompute in backward runs without the block's hooks
