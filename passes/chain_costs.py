@@ -7,7 +7,19 @@ the chain (``profile_step``):
 * ``keep``: the blocks run under plain autograd and keep what they save;
 * ``recompute``: one checkpoint segment keeps only its input;
 * ``save_matmuls``: a selective segment also keeps its matmul outputs;
+* ``save_ops`` at a few thresholds θ: a selective segment keeps the output
+  of every op that costs at least θ seconds per byte to recompute (the
+  greedy order of a knapsack over single ops: matmuls first, then
+  normalisations, cheap pointwise ops last);
 * ``reversible`` (whole chain): two streams kept, blocks reconstructed.
+
+Recompute time counts early stopping: the last block of a segment is
+replayed only up to its last op whose inputs backward needs
+(``BlockCost.replay_s``), and ``save_ops`` keeps nothing beyond that point
+in it (an output there would be kept and never used). It also counts the
+measured eager overhead of each checkpointed block (``checkpoint_overhead_s``,
+``selective_overhead_s``): selective checkpointing runs a Python dispatch
+mode on every op, which on CPU can cost as much as the recompute it saves.
 
 Each option's ``keep`` is what it adds to the bytes kept for backward, and
 its ``need`` the peak above what was kept before it, in forward
@@ -30,10 +42,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .profile_blocks import BlockCost
+from .profile_blocks import BlockCost, OpCost
 from .solve_schedule import Option
 
-POLICY_OPTIONS = ("keep", "recompute", "save_matmuls")
+POLICY_OPTIONS = ("keep", "recompute", "save_matmuls", "save_ops")
+SAVE_OPS_LEVELS = 8  # thresholds tried per chain: more options, a slower solve
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,59 @@ class _Runs:
                    + self.blocks[k].forward_transient for k in range(i, j))
 
 
+def save_ops_thresholds(blocks: tuple[BlockCost, ...], levels: int = SAVE_OPS_LEVELS) -> tuple[float, ...]:
+    """Seconds-per-byte thresholds for ``save_ops``: the savable ops' own ratios, at most ``levels``.
+
+    With more distinct ratios than levels, the thresholds split the savable bytes
+    (taken in decreasing ratio) into near-equal parts; the highest ratio always
+    stays, so the cheapest selective option (keep only the costliest op) exists.
+    """
+    ratios: dict[float, int] = {}
+    for b in {id(b): b for b in blocks}.values():  # identical blocks share one profile
+        for o in b.ops:
+            if o.savable:
+                ratios[o.seconds_per_byte] = ratios.get(o.seconds_per_byte, 0) + o.out_bytes
+    ordered = sorted(ratios.items(), reverse=True)
+    if len(ordered) <= levels:
+        return tuple(r for r, _ in ordered)
+    total = sum(n for _, n in ordered)
+    picked, cumulative, part = [ordered[0][0]], 0, 1
+    for r, n in ordered:
+        cumulative += n
+        if cumulative * (levels - 1) >= part * total:
+            if r != picked[-1]:
+                picked.append(r)
+            while cumulative * (levels - 1) >= part * total:
+                part += 1
+    return tuple(picked)
+
+
+def saved_ops_of(block: BlockCost, threshold: float, last: bool) -> tuple[OpCost, ...]:
+    """The ops whose outputs a ``save_ops`` segment keeps in ``block`` at ``threshold``."""
+    upto = block.replayed_ops if last and block.replayed_ops is not None else len(block.ops)
+    return tuple(o for o in block.ops[:upto] if o.savable and o.seconds_per_byte >= threshold)
+
+
+def saved_ops_plan(blocks: tuple[BlockCost, ...], i: int, j: int,
+                   threshold: float) -> tuple[tuple[tuple[int, str], ...], ...]:
+    """``Segment.saved_ops`` of a ``save_ops`` option over blocks ``[i, j)``."""
+    return tuple(tuple((o.index, o.name) for o in saved_ops_of(blocks[k], threshold, k == j - 1))
+                 for k in range(i, j))
+
+
+class _Selective:
+    """Per block and threshold: bytes kept and seconds recomputed, inside a segment or as its last block."""
+
+    def __init__(self, blocks: tuple[BlockCost, ...], thresholds: tuple[float, ...]):
+        self.inner: dict[tuple[int, float], tuple[int, float]] = {}
+        self.last: dict[tuple[int, float], tuple[int, float]] = {}
+        for k, b in enumerate(blocks):
+            for t in thresholds:
+                for last, table, total in ((False, self.inner, b.forward_s), (True, self.last, b.replay_s)):
+                    kept = saved_ops_of(b, t, last)
+                    table[k, t] = (sum(o.out_bytes for o in kept), total - sum(o.seconds for o in kept))
+
+
 def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int, chain_index: int,
                   policies: tuple[str, ...] = POLICY_OPTIONS, max_segment: int | None = None,
                   reversible: ReversibleCost | None = None) -> list[Option]:
@@ -100,6 +166,18 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
     runs = _Runs(blocks)
     n = len(blocks)
     options = []
+    thresholds = save_ops_thresholds(blocks) if "save_ops" in policies else ()
+    selective = _Selective(blocks, thresholds)
+    # prefix sums of whole-block recompute over the inner blocks of a segment
+    full = [0.0] * (n + 1)
+    matmul_free = [0.0] * (n + 1)
+    ckpt_over = [0.0] * (n + 1)
+    sac_over = [0.0] * (n + 1)
+    for k, b in enumerate(blocks):
+        full[k + 1] = full[k] + b.forward_s
+        matmul_free[k + 1] = matmul_free[k] + b.selective_recompute_s
+        ckpt_over[k + 1] = ckpt_over[k] + b.checkpoint_overhead_s
+        sac_over[k + 1] = sac_over[k] + b.selective_overhead_s
     for i in range(n):
         extra = bases.start_need if i == 0 else 0
         top = n if max_segment is None else min(n, i + max_segment)
@@ -115,16 +193,29 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
                 fwd = bases.base_f + x + runs.forward_need(i, j, [0] * (j - i))
                 # the segment's own input is in ``kept(i, …)`` when block i saves it; count it once
                 own = 0 if blocks[i].saves_input else x
-                options.append(Option(offset + i, offset + j, x, max(fwd, bwd + own, extra),
-                                      sum(b.forward_s for b in blocks[i:j]), ("recompute", chain_index, i, j)))
+                cost = full[j - 1] - full[i] + blocks[j - 1].replay_s + ckpt_over[j] - ckpt_over[i]
+                options.append(Option(offset + i, offset + j, x, max(fwd, bwd + own, extra), cost,
+                                      ("recompute", chain_index, i, j)))
             if "save_matmuls" in policies:
                 cached = [sum(b.selective_saved_bytes for b in blocks[i:k]) for k in range(i, j)]
                 fwd = bases.base_f + x + runs.forward_need(i, j, cached)
                 own = 0 if blocks[i].saves_input else x
                 keep = x + sum(b.selective_saved_bytes for b in blocks[i:j])
-                options.append(Option(offset + i, offset + j, keep, max(fwd, bwd + own, extra),
-                                      sum(b.selective_recompute_s for b in blocks[i:j]),
+                cost = (matmul_free[j - 1] - matmul_free[i] + blocks[j - 1].selective_replay_s
+                        + sac_over[j] - sac_over[i])
+                options.append(Option(offset + i, offset + j, keep, max(fwd, bwd + own, extra), cost,
                                       ("save_matmuls", chain_index, i, j)))
+            for t in thresholds:
+                per_block = [selective.inner[k, t] for k in range(i, j - 1)] + [selective.last[j - 1, t]]
+                cached = [0]
+                for kept, _ in per_block[:-1]:
+                    cached.append(cached[-1] + kept)
+                fwd = bases.base_f + x + runs.forward_need(i, j, cached)
+                own = 0 if blocks[i].saves_input else x
+                keep = x + sum(kept for kept, _ in per_block)
+                cost = sum(s for _, s in per_block) + sac_over[j] - sac_over[i]
+                options.append(Option(offset + i, offset + j, keep, max(fwd, bwd + own, extra), cost,
+                                      ("save_ops", chain_index, i, j, t)))
     if reversible is not None and n >= 2:
         options.append(_reversible_option(blocks, bases, offset, chain_index, runs, reversible))
     return options

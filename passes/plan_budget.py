@@ -38,7 +38,7 @@ from torch import nn
 
 from revify.units import format_bytes
 
-from .chain_costs import POLICY_OPTIONS, ChainBases, ReversibleCost, chain_options
+from .chain_costs import POLICY_OPTIONS, ChainBases, ReversibleCost, chain_options, saved_ops_plan
 from .find_chains import Chain
 from .plan_checkpoint import ChainPlan, Segment, plan_checkpoint
 from .plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
@@ -200,6 +200,24 @@ def _model_forward_s(model: nn.Module, example_inputs: Any, repeats: int = 2) ->
     return statistics.median(times)
 
 
+def segments_of(options: tuple[Option, ...] | list[Option], prof: ChainProfile, chain_index: int) -> tuple[Segment, ...]:
+    """The checkpoint segments a solution's options stand for on one chain (kept runs are not segments)."""
+    segments = []
+    for o in options:
+        policy = o.label[0]
+        if o.label[1] != chain_index or policy in ("keep", "reversible"):
+            continue
+        start, end = o.label[2], o.label[3]
+        saved = saved_ops_plan(prof.blocks, start, end, o.label[4]) if policy == "save_ops" else None
+        segments.append(Segment(start, end, policy, saved))
+    return tuple(segments)
+
+
+def checkpoint_plans(solution: Solution, profiles: list[ChainProfile]) -> list[ChainPlan]:
+    """One ``ChainPlan`` per chain for a solution without reversible chains (benchmarks, tests)."""
+    return [ChainPlan(p.chain, segments_of(solution.options, p, c), "budget") for c, p in enumerate(profiles)]
+
+
 def _plans_from(solution: Solution, profiles: list[ChainProfile],
                 reversible_plans: list[ReversiblePlan | None]) -> tuple[list[ChainPlan], list[ReversiblePlan]]:
     chains, revs = [], []
@@ -217,8 +235,7 @@ def _plans_from(solution: Solution, profiles: list[ChainProfile],
                 setattr(rp, k, v)
             revs.append(rp)
             continue
-        segments = tuple(Segment(o.label[2], o.label[3], o.label[0]) for o in mine if o.label[0] != "keep")
-        chains.append(ChainPlan(prof.chain, segments, "budget", **predicted))
+        chains.append(ChainPlan(prof.chain, segments_of(mine, prof, c), "budget", **predicted))
     return chains, revs
 
 

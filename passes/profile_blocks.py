@@ -16,7 +16,15 @@ After::
 
     BlockCost(input_bytes=1.5 MiB, saved_bytes=19 MiB, saves_input=True, saves_output=False,
               forward_transient=6 MiB, backward_transient=14 MiB, grad_bytes=27 MiB,
-              forward_s=0.081, selective_saved_bytes=9 MiB, selective_recompute_s=0.012)
+              forward_s=0.081, selective_saved_bytes=9 MiB, selective_recompute_s=0.012,
+              ops=(OpCost(0, "aten.native_layer_norm.default", 1.5 MiB, 0.002, True), …), replayed_ops=41)
+
+``ops`` lists every op of the forward that selective checkpointing sees, in
+order, with its output bytes and time: the planner's menu for keeping single
+op outputs (``save_ops``). ``replayed_ops`` is how many of them a recompute
+that ends in this block runs: non-reentrant checkpointing stops recomputing
+as soon as autograd has every saved tensor back, so a block ending in
+``x + fc2(h)`` never recomputes fc2 when it is the last of its segment.
 
 ``saved_bytes`` is the block's *interior*: storages autograd saves that are
 neither its hidden input or output, nor a side input (mask, rotary tables),
@@ -33,11 +41,28 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from torch.utils.checkpoint import SAC_IGNORED_OPS
+
 from revify.measure import LiveStorageTracker
 from revify.runtime.checkpoint_segment import _SAVED_BY_SAVE_MATMULS, _checkpoint
 
 from .find_chains import BlockInfo, Chain
 from .record_calls import fed_tensor, get_slot, set_slot
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """One op of a block's forward, as selective checkpointing counts them."""
+
+    index: int  # position among the ops selective checkpointing sees (``SAC_IGNORED_OPS`` are skipped)
+    name: str  # e.g. "aten.addmm.default"
+    out_bytes: int  # bytes of the new storages it returns
+    seconds: float  # its share of the block's measured forward time
+    savable: bool  # keeping its output is safe: new storage, not random, not modified in place later
+
+    @property
+    def seconds_per_byte(self) -> float:
+        return self.seconds / self.out_bytes if self.out_bytes else 0.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +79,25 @@ class BlockCost:
     forward_s: float  # median forward time
     selective_saved_bytes: int  # interior kept by the save_matmuls policy (outputs of matmuls)
     selective_recompute_s: float  # time of the ops that policy recomputes
+    ops: tuple[OpCost, ...] = ()  # empty: the op-level profile was not usable (see ``_profile_ops``)
+    replayed_ops: int | None = None  # ops a recompute ending in this block runs; None: all
+    # eager overheads beyond the recomputed ops, measured (see ``_overheads``)
+    checkpoint_overhead_s: float = 0.0
+    selective_overhead_s: float = 0.0
+
+    @property
+    def replay_s(self) -> float:
+        """Forward seconds a recompute that ends in this block spends in it (early stop)."""
+        if self.replayed_ops is None or not self.ops:
+            return self.forward_s
+        return sum(o.seconds for o in self.ops[:self.replayed_ops])
+
+    @property
+    def selective_replay_s(self) -> float:
+        """The same for a ``save_matmuls`` segment: the replayed ops that are not matmuls."""
+        if self.replayed_ops is None or not self.ops:
+            return self.selective_recompute_s
+        return sum(o.seconds for o in self.ops[:self.replayed_ops] if not _is_matmul(o.name))
 
     @property
     def kept_bytes(self) -> int:
@@ -61,28 +105,92 @@ class BlockCost:
         return self.saved_bytes + self.input_bytes * self.saves_input + self.input_bytes * self.saves_output
 
 
-class _OpTimer(TorchDispatchMode):
-    """Wall time of every aten op, split into what save_matmuls keeps and the rest."""
+_MATMUL_NAMES = frozenset(str(op) for packet in _SAVED_BY_SAVE_MATMULS for op in
+                           (getattr(packet, name) for name in packet.overloads()))
+
+
+def _is_matmul(name: str) -> bool:
+    return name in _MATMUL_NAMES
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Every op selective checkpointing would see: name, wall time, new output storages.
+
+    Outputs are held until the forward ends, to notice ones modified in place later
+    (selective checkpointing refuses to hand back a mutated saved output).
+    """
 
     def __init__(self, device: torch.device):
         super().__init__()
         self.cuda = device.type == "cuda"
-        self.saved_s = 0.0
-        self.other_s = 0.0
+        self.ops: list[tuple[str, float, int, list[tuple[torch.Tensor, int]], bool]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SAC_IGNORED_OPS:
+            return func(*args, **kwargs)
         if self.cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = func(*args, **(kwargs or {}))
+        out = func(*args, **kwargs)
         if self.cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        if func.overloadpacket in _SAVED_BY_SAVE_MATMULS:
-            self.saved_s += dt
-        else:
-            self.other_s += dt
+        inputs = {_ptr(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        fresh = {_ptr(t): t.untyped_storage().nbytes() for t in outs if _ptr(t) not in inputs and _ptr(t) != 0}
+        ok = bool(outs) and len(fresh) == len({_ptr(t) for t in outs}) \
+            and torch.Tag.nondeterministic_seeded not in func.tags
+        self.ops.append((str(func), dt, sum(fresh.values()), [(t, t._version) for t in outs], ok))
         return out
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in SAC_IGNORED_OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _profile_ops(run: "_BlockRun", forward_s: float) -> tuple[tuple[OpCost, ...], int | None]:
+    """The block's ops (times scaled to ``forward_s``) and how many a recompute replays.
+
+    Returns ``((), None)`` when a checkpointed run does not see the same number of
+    ops as the recorded one: then op indices would not line up with the runtime
+    policy's, and the planner falls back to whole-block figures.
+    """
+    for _ in range(2):  # the first run warms caches up
+        recorder = _OpRecorder(run.device)
+        x = run.hidden()
+        with recorder:
+            run(x)
+    total = sum(dt for _, dt, _, _, _ in recorder.ops) or 1e-12
+    scale = forward_s / total
+    ops = tuple(OpCost(k, name, nbytes, dt * scale,
+                       ok and nbytes > 0 and all(t._version == v for t, v in outs))
+                for k, (name, dt, nbytes, outs, ok) in enumerate(recorder.ops))
+    del recorder
+
+    counter = _OpCounter()
+
+    def counted(h: torch.Tensor) -> torch.Tensor:
+        with counter:
+            return run(h)
+
+    x = run.hidden()
+    out = _checkpoint(counted, "recompute", x)
+    seen, counter.count = counter.count, 0
+    if out.requires_grad:
+        out.backward(torch.randn_like(out))
+    replayed = counter.count
+    run.module.zero_grad(set_to_none=True)
+    if seen != len(ops):
+        return (), None
+    return ops, min(replayed, len(ops))
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -182,9 +290,6 @@ def _measure(run: _BlockRun, repeats: int) -> BlockCost:
     del out
     run.module.zero_grad(set_to_none=True)
 
-    timer = _OpTimer(run.device)
-    with torch.no_grad(), timer:
-        run(run.hidden())
     times = []
     for _ in range(repeats + 1):  # the first call warms caches up
         x = run.hidden()
@@ -195,13 +300,55 @@ def _measure(run: _BlockRun, repeats: int) -> BlockCost:
         _sync(run.device)
         times.append(time.perf_counter() - t0)
     forward_s = statistics.median(times[1:])
-    # op times under the timer carry its overhead: scale them to the untimed forward
-    scale = forward_s / max(timer.saved_s + timer.other_s, 1e-12)
+    ops, replayed = _profile_ops(run, forward_s)
+    selective_s = sum(o.seconds for o in ops if not _is_matmul(o.name)) if ops else forward_s
+    ckpt_over, sac_over = _overheads(run, ops, replayed, forward_s, repeats)
     return BlockCost(
         input_bytes=input_bytes, saved_bytes=interior, saves_input=x_ptr in saved, saves_output=out_ptr in saved,
         forward_transient=max(0, forward_peak - retained), backward_transient=max(0, backward_peak),
         grad_bytes=_grad_bytes(run.module), forward_s=forward_s,
-        selective_saved_bytes=max(0, selective_retained), selective_recompute_s=timer.other_s * scale)
+        selective_saved_bytes=max(0, selective_retained), selective_recompute_s=selective_s,
+        ops=ops, replayed_ops=replayed, checkpoint_overhead_s=ckpt_over, selective_overhead_s=sac_over)
+
+
+def _overheads(run: _BlockRun, ops: tuple[OpCost, ...], replayed: int | None, forward_s: float,
+               repeats: int) -> tuple[float, float]:
+    """Eager time a checkpointed block costs beyond the ops it replays: (plain, selective) checkpoint.
+
+    Measured, not modelled: a training step of the block alone, plain, under a
+    recomputing checkpoint, and under selective checkpointing that keeps every
+    op output it may keep; the fastest of ``repeats + 1`` interleaved rounds.
+    The differences, less the replayed ops' time, are what the runtime adds:
+    re-allocating the recomputed tensors, the checkpoint's hooks, and selective
+    checkpointing's Python dispatch mode on every op (tens of microseconds
+    each, which on CPU blocks of a few milliseconds is a large share).
+    """
+    from revify.runtime.checkpoint_segment import SaveListedOps
+
+    last = len(ops) if replayed is None else replayed
+    keep_all = (tuple((o.index, o.name) for o in ops[:last] if o.savable),)
+    modes = {"plain": None, "recompute": "recompute", "selective": None}
+    best = dict.fromkeys(modes, float("inf"))
+    for _ in range(4 * (repeats + 1)):
+        for mode in modes:
+            x = run.hidden()
+            _sync(run.device)
+            t0 = time.perf_counter()
+            if mode == "plain":
+                out = run(x)
+            else:
+                policy = SaveListedOps(keep_all) if mode == "selective" else "recompute"
+                out = _checkpoint(lambda h: run(h), policy, x)
+            if out.requires_grad:
+                out.backward(torch.ones_like(out))
+            _sync(run.device)
+            best[mode] = min(best[mode], time.perf_counter() - t0)
+            del out
+    run.module.zero_grad(set_to_none=True)
+    replay = sum(o.seconds for o in ops[:last]) if ops else forward_s
+    unsaved = sum(o.seconds for o in ops[:last] if not o.savable) if ops else forward_s
+    return (max(0.0, best["recompute"] - best["plain"] - replay),
+            max(0.0, best["selective"] - best["plain"] - unsaved))
 
 
 @dataclass(frozen=True)

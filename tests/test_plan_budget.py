@@ -10,12 +10,13 @@ import torch
 import revify
 from revify.api import analyse_model
 from revify.measure import measure_memory
-from revify.passes.plan_budget import build_problem, schedule_path
+from revify.passes.chain_costs import POLICY_OPTIONS
+from revify.passes.plan_budget import build_problem, checkpoint_plans, schedule_path
 from revify.passes.plan_checkpoint import ChainPlan, Segment, plan_checkpoint
 from revify.passes.profile_blocks import profile_chains
 from revify.passes.profile_step import profile_step
 from revify.passes.rewrite_checkpoint import rewrite_checkpoint
-from revify.passes.solve_schedule import path_peak, rounding_slack, solve
+from revify.passes.solve_schedule import min_budget, path_peak, rounding_slack, solve
 from zoo import ALL_CASES, MLPResNet, PreLNTransformer, ZooCase, _logits_loss, train_step
 
 
@@ -37,13 +38,7 @@ def _problem(name: str):
     profiles = profile_chains(case.model, chains, repeats=1)
     reference, _ = rewrite_checkpoint(case.model, [plan_checkpoint(c, "per-block") for c in chains])
     step = profile_step(reference, chains, case.example_inputs, case.loss_fn)
-    return case, chains, build_problem(profiles, step)
-
-
-def _plans(solution, chains) -> list[ChainPlan]:
-    return [ChainPlan(chain, tuple(Segment(o.label[2], o.label[3], o.label[0]) for o in solution.options
-                                   if o.label[1] == c and o.label[0] != "keep"))
-            for c, chain in enumerate(chains)]
+    return case, chains, build_problem(profiles, step), profiles
 
 
 def _measured_peak(case, plans) -> int:
@@ -53,7 +48,7 @@ def _measured_peak(case, plans) -> int:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_planner_beats_or_ties_fixed_schedules_at_equal_memory(name):
-    case, chains, problem = _problem(name)
+    case, chains, problem, profiles = _problem(name)
     for schedule in ("sqrt(n)", "per-block"):
         fixed = [plan_checkpoint(c, schedule) for c in chains]
         path = schedule_path(problem, fixed)
@@ -65,13 +60,13 @@ def test_planner_beats_or_ties_fixed_schedules_at_equal_memory(name):
         assert ours is not None and ours.cost <= fixed_cost + 1e-12, (schedule, ours, fixed_cost)
         # and in reality: the planner's schedule measures no higher than the fixed one
         measured_fixed = _measured_peak(case, fixed)
-        measured_ours = _measured_peak(case, _plans(ours, chains))
+        measured_ours = _measured_peak(case, checkpoint_plans(ours, profiles))
         assert measured_ours <= measured_fixed * 1.02, (schedule, measured_ours, measured_fixed)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_predicted_peak_matches_measured(name):
-    case, chains, problem = _problem(name)
+    case, chains, problem, profiles = _problem(name)
     schedules = {"keep": [ChainPlan(c, ()) for c in chains],
                  "sqrt": [plan_checkpoint(c, "sqrt(n)") for c in chains],
                  "per-block": [plan_checkpoint(c, "per-block") for c in chains],
@@ -145,3 +140,84 @@ def test_auto_goes_below_checkpointing_with_a_reversible_chain():
     assert plan.reversible and plan.budget.predicted_peak <= budget, plan.summary()
     measured, _ = measure_memory(rmodel, inputs, _logits_loss)
     assert measured <= budget * 1.05, (measured, budget)
+
+
+def _mlp_problem(budget_for: str, policies=POLICY_OPTIONS):
+    torch.manual_seed(0)
+    model = MLPResNet(dim=128, n_blocks=8).train()
+    inputs = (torch.randn(64, 128),)
+    _, _, analysis = analyse_model(model, inputs, "checkpoint")
+    chains = list(analysis.chains)
+    profiles = profile_chains(model, chains, repeats=1)
+    reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
+    step = profile_step(reference, chains, inputs, _logits_loss)
+    return model, inputs, profiles, build_problem(profiles, step, policies=policies, budget_for=budget_for)
+
+
+def test_profile_sees_where_recomputation_stops():
+    """``x + fc2(gelu(fc1(norm(x))))``: backward needs fc2's input, never its output, so a
+    recompute ending in this block stops before fc2; the planner prices only that prefix."""
+    _, _, profiles, problem = _mlp_problem("peak")
+    block = profiles[0].blocks[0]
+    names = [o.name for o in block.ops]
+    assert names.count("aten.addmm.default") == 2
+    fc2 = len(names) - 1 - names[::-1].index("aten.addmm.default")
+    assert block.replayed_ops == fc2, names
+    assert 0 < block.replay_s < block.forward_s
+    assert sum(o.seconds for o in block.ops) == pytest.approx(block.forward_s)
+    savable = {o.name for o in block.ops if o.savable}
+    assert {"aten.addmm.default", "aten.gelu.default", "aten.native_layer_norm.default"} <= savable
+    assert not any(o.savable for o in block.ops if o.name == "aten.t.default")  # a view: nothing to keep
+    # a per-block segment costs its replayed prefix; a two-block one the first block whole
+    # (plus, per block, the measured eager overhead of checkpointing it)
+    by_label = {o.label: o for o in problem.options}
+    b0, b1 = profiles[0].blocks[:2]
+    assert b0.checkpoint_overhead_s >= 0 and b0.selective_overhead_s >= 0
+    assert by_label[("recompute", 0, 0, 1)].cost == pytest.approx(b0.replay_s + b0.checkpoint_overhead_s)
+    assert by_label[("recompute", 0, 0, 2)].cost == pytest.approx(
+        b0.forward_s + b1.replay_s + b0.checkpoint_overhead_s + b1.checkpoint_overhead_s)
+
+
+def test_save_ops_plans_keep_what_was_predicted_and_stay_exact():
+    """Plans made of kept blocks and ``save_ops`` segments (at this size the measured overhead of
+    selective checkpointing makes the full planner prefer plain segments, so the other policies are
+    left out): the bytes alive when backward starts are the predicted ones, gradients exact."""
+    model, inputs, profiles, problem = _mlp_problem("activations", policies=("keep", "save_ops"))
+    _, least = min_budget(problem)
+    everything = solve(problem, 1 << 40)
+    used = set()
+    for frac in (0.25, 0.5, 0.75):
+        budget = int(least.peak + frac * (everything.peak - least.peak))
+        sol = solve(problem, budget)
+        plans = checkpoint_plans(sol, profiles)
+        used |= {s.policy for p in plans for s in p.segments}
+        rmodel, _ = rewrite_checkpoint(model, plans)
+        kept = measure_memory(rmodel, inputs, _logits_loss)[1]
+        plain_kept = measure_memory(model, inputs, _logits_loss)[1]
+        assert kept <= budget * 1.02 and kept < plain_kept
+        assert abs(kept - sol.peak) <= 0.05 * sol.peak, (frac, kept, sol.peak)
+        out_a, loss_a, grads_a = train_step(model, ZooCase("m", model, inputs, _logits_loss, 8))
+        out_b, loss_b, grads_b = train_step(rmodel, ZooCase("m", rmodel, inputs, _logits_loss, 8))
+        assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    assert "save_ops" in used, used
+
+
+
+def test_save_ops_thresholds_split_the_savable_bytes():
+    from revify.passes.chain_costs import save_ops_thresholds, saved_ops_of
+    from revify.passes.profile_blocks import BlockCost, OpCost
+
+    ops = tuple(OpCost(k, f"aten.op{k}.default", 1000 * (k + 1), 1e-3 / (k + 1) ** 2, savable=k % 5 != 4)
+                for k in range(20))
+    block = BlockCost(input_bytes=100, saved_bytes=0, saves_input=False, saves_output=False, forward_transient=0,
+                      backward_transient=0, grad_bytes=0, forward_s=sum(o.seconds for o in ops),
+                      selective_saved_bytes=0, selective_recompute_s=0.0, ops=ops, replayed_ops=12)
+    levels = save_ops_thresholds((block, block), levels=6)
+    ratios = sorted({o.seconds_per_byte for o in ops if o.savable}, reverse=True)
+    assert 2 <= len(levels) <= 6 and list(levels) == sorted(levels, reverse=True)
+    assert levels[0] == ratios[0] and set(levels) <= set(ratios)
+    kept = [sum(o.out_bytes for o in saved_ops_of(block, t, last=False)) for t in levels]
+    assert kept == sorted(kept) and kept[-1] > kept[0]  # lower threshold, more kept
+    # as the last block of a segment, nothing after the replayed prefix is kept
+    assert all(o.index < 12 for o in saved_ops_of(block, 0.0, last=True))
+    assert not any(o.index % 5 == 4 for o in saved_ops_of(block, 0.0, last=False))
