@@ -51,7 +51,7 @@ from torch.utils.checkpoint import checkpoint_sequential
 import revify
 from revify.api import analyse_model
 from revify.measure import measure_saved_bytes, measure_training_memory
-from revify.passes.plan_budget import build_problem, schedule_path
+from revify.passes.plan_budget import build_problem, checkpoint_plans, schedule_path
 from revify.passes.plan_checkpoint import ChainPlan, Segment, plan_checkpoint
 from revify.passes.profile_blocks import profile_chains
 from revify.passes.profile_step import profile_step
@@ -105,10 +105,21 @@ def _timed(m, plain, inputs, repeats: int) -> tuple[float, float]:
     return min(times), statistics.median(ratios)
 
 
-def _plans(solution, chains) -> list[ChainPlan]:
-    return [ChainPlan(c, tuple(Segment(o.label[2], o.label[3], o.label[0]) for o in solution.options
-                               if o.label[1] == i and o.label[0] != "keep"), "budget")
-            for i, c in enumerate(chains)]
+def _backward_flops(m, inputs) -> int:
+    """FLOPs of one backward (recomputation included): forward outside the counter, backward inside.
+
+    ``FlopCounterMode`` counts matmuls and convolutions, not pointwise ops, so the
+    difference to a no-recompute baseline is the recomputed matmul work.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loss = default_loss_fn(m(**inputs) if isinstance(inputs, dict) else m(*inputs))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss.backward()
+    for p in m.parameters():
+        p.grad = None
+    return counter.get_total_flops()
 
 
 def run_model(name: str, args) -> list[str]:
@@ -125,13 +136,15 @@ def run_model(name: str, args) -> list[str]:
     rows = []
 
     def measure(label, family, m, predicted=None):
+        flops = _backward_flops(m, inputs)
         if family == "compile":
             saved, _ = measure_saved_bytes(m, inputs, loss)  # hooks work inside compiled graphs
-            rows.append((label, family, saved, saved, None, *_timed(m, model, inputs, args.repeats), predicted))
+            rows.append((label, family, saved, saved, None, *_timed(m, model, inputs, args.repeats), predicted,
+                         flops))
         else:
             mem = measure_training_memory(m, inputs, loss)  # timed below, as compile is
             rows.append((label, family, mem.retained_bytes, mem.saved_bytes, mem.peak_bytes,
-                         *_timed(m, model, inputs, args.repeats), predicted))
+                         *_timed(m, model, inputs, args.repeats), predicted, flops))
         print(f"  measured {label}", flush=True)
 
     measure("plain (no recompute)", "eager", model)
@@ -157,7 +170,7 @@ def run_model(name: str, args) -> list[str]:
             if sol is None or sol.options in seen:
                 continue
             seen.add(sol.options)
-            m, _ = rewrite_checkpoint(model, _plans(sol, chains))
+            m, _ = rewrite_checkpoint(model, checkpoint_plans(sol, profiles))
             measure(f"revify {kind} budget {format_bytes(budget)}", "eager", m, (sol.peak, sol.cost))
     # one budget through the public call: the same passes, so the same plan up to timing noise
     public = revify.revify(model, inputs, memory_budget=rows[-1][7][0] if rows[-1][7] else None,
@@ -212,19 +225,23 @@ def _table(name: str, args, rows, plan_s: float, smallest: dict[str, int]) -> li
            f"planner: profiled in {plan_s:.1f} s; smallest feasible budgets (predicted): peak "
            f"{format_bytes(smallest['peak'])}, activations {format_bytes(smallest['activations'])}",
            f"{'variant':40} {'kept':>10} {'/plain':>6} {'saved':>10} {'peak':>10} {'/plain':>6} {'pred':>10} "
-           f"{'step':>8} {'xbase':>6} {'pred recompute':>14}"]
-    for label, family, kept, saved, peak, step_s, ratio, predicted in rows:
+           f"{'step':>8} {'xbase':>6} {'pred recompute':>14} {'re-GFLOP':>8}"]
+    for label, family, kept, saved, peak, step_s, ratio, predicted, flops in rows:
         xbase = ratio if family == "eager" else ratio / base_compile[6]
+        base_flops = plain[8] if family == "eager" else base_compile[8]
         pred = format_bytes(predicted[0]) if predicted else "-"
         pred_cost = f"{predicted[1] * 1e3:.0f} ms" if predicted else "-"
         peak_s = format_bytes(peak) if peak is not None else "n/a"
         peak_r = f"{peak / plain[4]:6.3f}" if peak is not None else f"{'':6}"
         out.append(f"{label:40} {format_bytes(kept):>10} {kept / plain[2]:6.3f} {format_bytes(saved):>10} "
-                   f"{peak_s:>10} {peak_r} {pred:>10} {step_s * 1e3:6.0f}ms {xbase:6.2f} {pred_cost:>14}")
+                   f"{peak_s:>10} {peak_r} {pred:>10} {step_s * 1e3:6.0f}ms {xbase:6.2f} {pred_cost:>14} "
+                   f"{(flops - base_flops) / 1e9:8.2f}")
     out.append("kept: bytes alive when backward starts (eager; compile: saved-tensor bytes); pred: the planner's "
                "predicted peak (peak budgets, fixed schedules) or kept bytes (activation budgets); xbase: step "
                "time over plain eager (eager rows) or over torch.compile at budget 1 (compile rows), the median "
-               "of ratios to plain eager steps run alternately with the variant's; step: the fastest step")
+               "of ratios to plain eager steps run alternately with the variant's; step: the fastest step; "
+               "re-GFLOP: matmul FLOPs recomputed in backward (FlopCounterMode, over plain eager or compile at "
+               "budget 1)")
     out += _verdicts(rows)
     return out
 
@@ -252,11 +269,17 @@ def _verdicts(rows) -> list[str]:
     if compiled:
         base = next(r for r in rows if r[1] == "compile")  # budget 1: no recompute
         curve = [(c[2], c[6] / base[6]) for c in compiled]
+        flop_curve = [(c[2], (c[8] - base[8]) / 1e9) for c in compiled]
         for o in (r for r in eager if r[0].startswith("revify activations")):
             ours, theirs = o[6], _interpolate(curve, o[2])
+            ours_f, theirs_f = (o[8] - plain[8]) / 1e9, _interpolate(flop_curve, o[2])
             verdict = "within 10%" if ours <= 1.10 * theirs else "NOT within 10%"
-            lines.append(f"vs compile: {o[0]} (kept {format_bytes(o[2])}): step x{ours:.2f} in eager; "
-                         f"torch.compile's knapsack at the same kept bytes x{theirs:.2f} — {verdict}")
+            # FLOPs: within 10% of compile's recompute, give or take 1% of a backward (when compile recomputes ~nothing)
+            verdict_f = ("within 10%" if ours_f <= 1.10 * theirs_f + 0.01 * plain[8] / 1e9
+                         else "NOT within 10%")
+            lines.append(f"vs compile: {o[0]} (kept {format_bytes(o[2])}): step x{ours:.2f} in eager, compile's "
+                         f"knapsack at the same kept bytes x{theirs:.2f} — {verdict}; recomputed {ours_f:.2f} "
+                         f"GFLOP, compile {theirs_f:.2f} — {verdict_f}")
     return lines
 
 

@@ -120,6 +120,7 @@ class ParityConfig:
     # tried on the validation split of the quick mode (seed 0, 400 steps): full fine-tuning at 3e-4
     # reached 82% val accuracy; meft1 at 3e-3 59%, at 1e-2 55%. --lr-sweep searches more widely.
     lr: dict = field(default_factory=lambda: {"full": 3e-4, "peft": 3e-3})
+    adapter_rank: int = 8  # revify's default; the MEFT paper's adapters are of this order
 
     def task_key(self) -> dict:
         """The fields a saved pre-trained model must agree with to be reused."""
@@ -289,7 +290,8 @@ def build(method: str, cfg: ParityConfig, lang: TopicLanguage, pretrained: str, 
         return revify.revify(model, example, strategy="checkpoint", strict=True)
     stored = method.startswith("stored")
     coupling = method.partition("-")[2] or "meft1" if stored else method
-    rmodel = revify.revify(model, example, strategy="reversible", coupling=coupling, strict=True)
+    rmodel = revify.revify(model, example, strategy="reversible", coupling=coupling,
+                           adapter_rank=cfg.adapter_rank, strict=True)
     return StoredActivations(rmodel) if stored else rmodel
 
 
@@ -407,7 +409,7 @@ def format_table(cfg: ParityConfig, pre: PretrainResult, splits: Splits, rows: l
         f"downstream: corruption detection (rate {cfg.corrupt_rate}), {cfg.n_train} train / {cfg.n_val} val / "
         f"{cfg.n_test} test, chance 50%, reference that knows the generator {100 * splits.reference_test:.1f}% "
         f"on test; {cfg.ft_steps} steps × batch "
-        f"{cfg.ft_batch}, seeds {list(cfg.seeds)}",
+        f"{cfg.ft_batch}, seeds {list(cfg.seeds)}, adapter rank {cfg.adapter_rank}",
         f"{'method':29} {'lr':>6} {'trainable':>9} {'test acc':>13} {'val':>5} {'Δfull':>6} "
         f"{'saved':>10} {'/full':>6} {'retained':>10} {'/full':>6} {'peak':>10} {'/full':>6} {'step':>7} "
         f"{'train':>6}  reversible",
@@ -493,12 +495,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[ParityConfig, argparse.
                     help="torch threads; on an oversubscribed CPU 1 can be much faster than 2")
     ap.add_argument("--lr-full", type=float, help="LR of full fine-tuning, checkpoint and revnet")
     ap.add_argument("--lr-peft", type=float, help="LR of the adapter methods")
-    for name in ("layers", "hidden", "pretrain_steps", "ft_steps", "n_train"):
+    sizes = ("layers", "hidden", "pretrain_steps", "ft_steps", "n_train", "adapter_rank")
+    for name in sizes:
         ap.add_argument("--" + name.replace("_", "-"), type=int)
     args = ap.parse_args(argv)
     cfg = ParityConfig(**QUICK) if args.quick else ParityConfig()
-    over = {k: getattr(args, k) for k in ("layers", "hidden", "pretrain_steps", "ft_steps", "n_train")
-            if getattr(args, k) is not None}
+    over = {k: getattr(args, k) for k in sizes if getattr(args, k) is not None}
     if args.seeds:
         over["seeds"] = tuple(args.seeds)
     lr = dict(cfg.lr)
