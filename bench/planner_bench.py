@@ -225,7 +225,7 @@ def _table(name: str, args, rows, plan_s: float, smallest: dict[str, int]) -> li
            f"planner: profiled in {plan_s:.1f} s; smallest feasible budgets (predicted): peak "
            f"{format_bytes(smallest['peak'])}, activations {format_bytes(smallest['activations'])}",
            f"{'variant':40} {'kept':>10} {'/plain':>6} {'saved':>10} {'peak':>10} {'/plain':>6} {'pred':>10} "
-           f"{'step':>8} {'xbase':>6} {'pred recompute':>14} {'re-GFLOP':>8}"]
+           f"{'step':>8} {'xbase':>6} {'xeager':>6} {'pred recompute':>14} {'re-GFLOP':>8}"]
     for label, family, kept, saved, peak, step_s, ratio, predicted, flops in rows:
         xbase = ratio if family == "eager" else ratio / base_compile[6]
         base_flops = plain[8] if family == "eager" else base_compile[8]
@@ -234,12 +234,13 @@ def _table(name: str, args, rows, plan_s: float, smallest: dict[str, int]) -> li
         peak_s = format_bytes(peak) if peak is not None else "n/a"
         peak_r = f"{peak / plain[4]:6.3f}" if peak is not None else f"{'':6}"
         out.append(f"{label:40} {format_bytes(kept):>10} {kept / plain[2]:6.3f} {format_bytes(saved):>10} "
-                   f"{peak_s:>10} {peak_r} {pred:>10} {step_s * 1e3:6.0f}ms {xbase:6.2f} {pred_cost:>14} "
+                   f"{peak_s:>10} {peak_r} {pred:>10} {step_s * 1e3:6.0f}ms {xbase:6.2f} {ratio:6.2f} {pred_cost:>14} "
                    f"{(flops - base_flops) / 1e9:8.2f}")
     out.append("kept: bytes alive when backward starts (eager; compile: saved-tensor bytes); pred: the planner's "
                "predicted peak (peak budgets, fixed schedules) or kept bytes (activation budgets); xbase: step "
                "time over plain eager (eager rows) or over torch.compile at budget 1 (compile rows), the median "
-               "of ratios to plain eager steps run alternately with the variant's; step: the fastest step; "
+               "of ratios to plain eager steps run alternately with the variant's; xeager: that median ratio to plain "
+               "eager itself, for every row (compile's baseline is not eager's); step: the fastest step; "
                "re-GFLOP: matmul FLOPs recomputed in backward (FlopCounterMode, over plain eager or compile at "
                "budget 1)")
     out += _verdicts(rows)

@@ -317,8 +317,11 @@ def _overheads(run: _BlockRun, ops: tuple[OpCost, ...], replayed: int | None, fo
 
     Measured, not modelled: a training step of the block alone, plain, under a
     recomputing checkpoint, and under selective checkpointing that keeps every
-    op output it may keep; the fastest of ``repeats + 1`` interleaved rounds.
-    The differences, less the replayed ops' time, are what the runtime adds:
+    op output it may keep, back to back; per mode the median over
+    ``4 * (repeats + 1)`` rounds of its difference to the plain step beside it
+    (pairs cancel the machine's drift; the differences are a few percent of a
+    step, so they need more rounds than the forward time). The differences,
+    less the replayed ops' time, are what the runtime adds:
     re-allocating the recomputed tensors, the checkpoint's hooks, and selective
     checkpointing's Python dispatch mode on every op (tens of microseconds
     each, which on CPU blocks of a few milliseconds is a large share).
@@ -327,10 +330,10 @@ def _overheads(run: _BlockRun, ops: tuple[OpCost, ...], replayed: int | None, fo
 
     last = len(ops) if replayed is None else replayed
     keep_all = (tuple((o.index, o.name) for o in ops[:last] if o.savable),)
-    modes = {"plain": None, "recompute": "recompute", "selective": None}
-    best = dict.fromkeys(modes, float("inf"))
+    extra: dict[str, list[float]] = {"recompute": [], "selective": []}
     for _ in range(4 * (repeats + 1)):
-        for mode in modes:
+        times = {}
+        for mode in ("plain", "recompute", "selective"):
             x = run.hidden()
             _sync(run.device)
             t0 = time.perf_counter()
@@ -342,13 +345,15 @@ def _overheads(run: _BlockRun, ops: tuple[OpCost, ...], replayed: int | None, fo
             if out.requires_grad:
                 out.backward(torch.ones_like(out))
             _sync(run.device)
-            best[mode] = min(best[mode], time.perf_counter() - t0)
+            times[mode] = time.perf_counter() - t0
             del out
+        for mode in extra:
+            extra[mode].append(times[mode] - times["plain"])
     run.module.zero_grad(set_to_none=True)
     replay = sum(o.seconds for o in ops[:last]) if ops else forward_s
     unsaved = sum(o.seconds for o in ops[:last] if not o.savable) if ops else forward_s
-    return (max(0.0, best["recompute"] - best["plain"] - replay),
-            max(0.0, best["selective"] - best["plain"] - unsaved))
+    return (max(0.0, statistics.median(extra["recompute"]) - replay),
+            max(0.0, statistics.median(extra["selective"]) - unsaved))
 
 
 @dataclass(frozen=True)
