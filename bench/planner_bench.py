@@ -52,9 +52,10 @@ import revify
 from revify.api import analyse_model
 from revify.measure import measure_saved_bytes, measure_training_memory
 from revify.passes.plan_budget import build_problem, checkpoint_plans, schedule_path
-from revify.passes.plan_checkpoint import ChainPlan, Segment, plan_checkpoint
+from revify.passes.plan_checkpoint import plan_checkpoint
 from revify.passes.profile_blocks import profile_chains
 from revify.passes.profile_step import profile_step
+from revify.passes.record_calls import call_model
 from revify.passes.rewrite_checkpoint import rewrite_checkpoint
 from revify.passes.solve_schedule import min_budget, path_peak, solve
 from revify.report import default_loss_fn
@@ -81,7 +82,7 @@ def _step(m, inputs) -> float:
     for p in m.parameters():
         p.grad = None
     t0 = time.perf_counter()
-    default_loss_fn(m(**inputs) if isinstance(inputs, dict) else m(*inputs)).backward()
+    default_loss_fn(call_model(m, inputs)).backward()
     return time.perf_counter() - t0
 
 
@@ -113,7 +114,7 @@ def _backward_flops(m, inputs) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    loss = default_loss_fn(m(**inputs) if isinstance(inputs, dict) else m(*inputs))
+    loss = default_loss_fn(call_model(m, inputs))
     counter = FlopCounterMode(display=False)
     with counter:
         loss.backward()
@@ -185,7 +186,7 @@ def run_model(name: str, args) -> list[str]:
             with functorch_config.patch(activation_memory_budget=fraction):
                 compiled = torch.compile(copy.deepcopy(model), backend="aot_eager")
                 t0 = time.perf_counter()
-                default_loss_fn(compiled(**inputs) if isinstance(inputs, dict) else compiled(*inputs)).backward()
+                default_loss_fn(call_model(compiled, inputs)).backward()
                 print(f"  compiled at budget {fraction} in {time.perf_counter() - t0:.0f} s", flush=True)
                 measure(f"torch.compile budget {fraction:g}", "compile", compiled)
     return _table(name, args, rows, plan_s, {k: min_budget(p)[0] for k, p in problems.items()})

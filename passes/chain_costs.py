@@ -135,8 +135,8 @@ def save_ops_thresholds(blocks: tuple[BlockCost, ...], levels: int = SAVE_OPS_LE
 
 def saved_ops_of(block: BlockCost, threshold: float, last: bool) -> tuple[OpCost, ...]:
     """The ops whose outputs a ``save_ops`` segment keeps in ``block`` at ``threshold``."""
-    upto = block.replayed_ops if last and block.replayed_ops is not None else len(block.ops)
-    return tuple(o for o in block.ops[:upto] if o.savable and o.seconds_per_byte >= threshold)
+    pool = block.replayed if last and block.replayed is not None else block.ops
+    return tuple(o for o in pool if o.savable and o.seconds_per_byte >= threshold)
 
 
 def saved_ops_plan(blocks: tuple[BlockCost, ...], i: int, j: int,
@@ -181,8 +181,10 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
     for i in range(n):
         extra = bases.start_need if i == 0 else 0
         top = n if max_segment is None else min(n, i + max_segment)
+        x = blocks[i].input_bytes
+        # a segment's own input is in ``kept(i, …)`` when block i saves it; count it once
+        own = 0 if blocks[i].saves_input else x
         for j in range(i + 1, top + 1):
-            x = blocks[i].input_bytes
             bwd = bases.base_b + runs.backward_need(i, j)
             if "keep" in policies:
                 kept_before = [runs.kept(i, k) for k in range(i, j)]
@@ -191,15 +193,12 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
                                        ("keep", chain_index, i, j)))
             if "recompute" in policies:
                 fwd = bases.base_f + x + runs.forward_need(i, j, [0] * (j - i))
-                # the segment's own input is in ``kept(i, …)`` when block i saves it; count it once
-                own = 0 if blocks[i].saves_input else x
                 cost = full[j - 1] - full[i] + blocks[j - 1].replay_s + ckpt_over[j] - ckpt_over[i]
                 options.append(Option(offset + i, offset + j, x, max(fwd, bwd + own, extra), cost,
                                       ("recompute", chain_index, i, j)))
             if "save_matmuls" in policies:
                 cached = [sum(b.selective_saved_bytes for b in blocks[i:k]) for k in range(i, j)]
                 fwd = bases.base_f + x + runs.forward_need(i, j, cached)
-                own = 0 if blocks[i].saves_input else x
                 keep = x + sum(b.selective_saved_bytes for b in blocks[i:j])
                 cost = (matmul_free[j - 1] - matmul_free[i] + blocks[j - 1].selective_replay_s
                         + sac_over[j] - sac_over[i])
@@ -211,7 +210,6 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
                 for kept, _ in per_block[:-1]:
                     cached.append(cached[-1] + kept)
                 fwd = bases.base_f + x + runs.forward_need(i, j, cached)
-                own = 0 if blocks[i].saves_input else x
                 keep = x + sum(kept for kept, _ in per_block)
                 cost = sum(s for _, s in per_block) + sac_over[j] - sac_over[i]
                 options.append(Option(offset + i, offset + j, keep, max(fwd, bwd + own, extra), cost,

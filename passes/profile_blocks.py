@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -86,18 +86,25 @@ class BlockCost:
     selective_overhead_s: float = 0.0
 
     @property
-    def replay_s(self) -> float:
-        """Forward seconds a recompute that ends in this block spends in it (early stop)."""
+    def replayed(self) -> tuple[OpCost, ...] | None:
+        """The ops a recompute that ends in this block runs (early stop); None without an op profile."""
         if self.replayed_ops is None or not self.ops:
-            return self.forward_s
-        return sum(o.seconds for o in self.ops[:self.replayed_ops])
+            return None
+        return self.ops[:self.replayed_ops]
+
+    @property
+    def replay_s(self) -> float:
+        """Forward seconds a recompute that ends in this block spends in it."""
+        replayed = self.replayed
+        return self.forward_s if replayed is None else sum(o.seconds for o in replayed)
 
     @property
     def selective_replay_s(self) -> float:
         """The same for a ``save_matmuls`` segment: the replayed ops that are not matmuls."""
-        if self.replayed_ops is None or not self.ops:
+        replayed = self.replayed
+        if replayed is None:
             return self.selective_recompute_s
-        return sum(o.seconds for o in self.ops[:self.replayed_ops] if not _is_matmul(o.name))
+        return sum(o.seconds for o in replayed if not _is_matmul(o.name))
 
     @property
     def kept_bytes(self) -> int:
@@ -302,17 +309,17 @@ def _measure(run: _BlockRun, repeats: int) -> BlockCost:
     forward_s = statistics.median(times[1:])
     ops, replayed = _profile_ops(run, forward_s)
     selective_s = sum(o.seconds for o in ops if not _is_matmul(o.name)) if ops else forward_s
-    ckpt_over, sac_over = _overheads(run, ops, replayed, forward_s, repeats)
-    return BlockCost(
+    cost = BlockCost(
         input_bytes=input_bytes, saved_bytes=interior, saves_input=x_ptr in saved, saves_output=out_ptr in saved,
         forward_transient=max(0, forward_peak - retained), backward_transient=max(0, backward_peak),
         grad_bytes=_grad_bytes(run.module), forward_s=forward_s,
         selective_saved_bytes=max(0, selective_retained), selective_recompute_s=selective_s,
-        ops=ops, replayed_ops=replayed, checkpoint_overhead_s=ckpt_over, selective_overhead_s=sac_over)
+        ops=ops, replayed_ops=replayed)
+    ckpt_over, sac_over = _overheads(run, cost, repeats)
+    return replace(cost, checkpoint_overhead_s=ckpt_over, selective_overhead_s=sac_over)
 
 
-def _overheads(run: _BlockRun, ops: tuple[OpCost, ...], replayed: int | None, forward_s: float,
-               repeats: int) -> tuple[float, float]:
+def _overheads(run: _BlockRun, cost: BlockCost, repeats: int) -> tuple[float, float]:
     """Eager time a checkpointed block costs beyond the ops it replays: (plain, selective) checkpoint.
 
     Measured, not modelled: a training step of the block alone, plain, under a
@@ -328,8 +335,8 @@ def _overheads(run: _BlockRun, ops: tuple[OpCost, ...], replayed: int | None, fo
     """
     from revify.runtime.checkpoint_segment import SaveListedOps
 
-    last = len(ops) if replayed is None else replayed
-    keep_all = (tuple((o.index, o.name) for o in ops[:last] if o.savable),)
+    kept = tuple(o for o in (cost.replayed or ()) if o.savable)
+    keep_all = (tuple((o.index, o.name) for o in kept),)
     extra: dict[str, list[float]] = {"recompute": [], "selective": []}
     for _ in range(4 * (repeats + 1)):
         times = {}
@@ -350,9 +357,8 @@ def _overheads(run: _BlockRun, ops: tuple[OpCost, ...], replayed: int | None, fo
         for mode in extra:
             extra[mode].append(times[mode] - times["plain"])
     run.module.zero_grad(set_to_none=True)
-    replay = sum(o.seconds for o in ops[:last]) if ops else forward_s
-    unsaved = sum(o.seconds for o in ops[:last] if not o.savable) if ops else forward_s
-    return (max(0.0, statistics.median(extra["recompute"]) - replay),
+    unsaved = cost.replay_s - sum(o.seconds for o in kept)
+    return (max(0.0, statistics.median(extra["recompute"]) - cost.replay_s),
             max(0.0, statistics.median(extra["selective"]) - unsaved))
 
 

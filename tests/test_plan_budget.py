@@ -30,15 +30,21 @@ def _deep_transformer() -> ZooCase:
 CASES = {"deep_transformer": _deep_transformer, **{k: ALL_CASES[k] for k in ("cnn_resnet", "bert", "llama")}}
 
 
+def _planner_problem(model, inputs, loss_fn, **build):
+    """The planner's passes up to the solver: (chains, block profiles, problem)."""
+    _, _, analysis = analyse_model(model, inputs, "checkpoint")
+    chains = list(analysis.chains)
+    profiles = profile_chains(model, chains, repeats=1)
+    reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
+    step = profile_step(reference, chains, inputs, loss_fn)
+    return chains, profiles, build_problem(profiles, step, **build)
+
+
 @functools.lru_cache(maxsize=None)
 def _problem(name: str):
     case = CASES[name]()
-    _, _, analysis = analyse_model(case.model, case.example_inputs, "checkpoint")
-    chains = list(analysis.chains)
-    profiles = profile_chains(case.model, chains, repeats=1)
-    reference, _ = rewrite_checkpoint(case.model, [plan_checkpoint(c, "per-block") for c in chains])
-    step = profile_step(reference, chains, case.example_inputs, case.loss_fn)
-    return case, chains, build_problem(profiles, step), profiles
+    chains, profiles, problem = _planner_problem(case.model, case.example_inputs, case.loss_fn)
+    return case, chains, problem, profiles
 
 
 def _measured_peak(case, plans) -> int:
@@ -146,12 +152,8 @@ def _mlp_problem(budget_for: str, policies=POLICY_OPTIONS):
     torch.manual_seed(0)
     model = MLPResNet(dim=128, n_blocks=8).train()
     inputs = (torch.randn(64, 128),)
-    _, _, analysis = analyse_model(model, inputs, "checkpoint")
-    chains = list(analysis.chains)
-    profiles = profile_chains(model, chains, repeats=1)
-    reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
-    step = profile_step(reference, chains, inputs, _logits_loss)
-    return model, inputs, profiles, build_problem(profiles, step, policies=policies, budget_for=budget_for)
+    _, profiles, problem = _planner_problem(model, inputs, _logits_loss, policies=policies, budget_for=budget_for)
+    return model, inputs, profiles, problem
 
 
 def test_profile_sees_where_recomputation_stops():
@@ -200,7 +202,6 @@ def test_save_ops_plans_keep_what_was_predicted_and_stay_exact():
         out_b, loss_b, grads_b = train_step(rmodel, ZooCase("m", rmodel, inputs, _logits_loss, 8))
         assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
     assert "save_ops" in used, used
-
 
 
 def test_save_ops_thresholds_split_the_savable_bytes():
