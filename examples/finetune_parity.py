@@ -25,6 +25,11 @@
                                  control that shows what pre-training is worth
    ============================  ==================================================  =========
 
+   Every method gets the same head: BERT's pooler (dense + tanh) over the
+   mean of the final token states (``--pooling cls`` reads [CLS] as BERT
+   does; masked-token pre-training never trains [CLS], which left the
+   frozen-backbone methods 8-10 points behind: see BENCHMARKS.md).
+
    Same seeds (head init, adapter init, data order, dropout), same steps,
    same optimizer (AdamW, linear warm-up then linear decay) for every method;
    one learning rate per family. ``--lr-sweep`` picks each family's rate on
@@ -117,10 +122,16 @@ class ParityConfig:
     ft_steps: int = 600
     ft_batch: int = 32
     seeds: tuple[int, ...] = (0, 1, 2)
-    # tried on the validation split of the quick mode (seed 0, 400 steps): full fine-tuning at 3e-4
+    # tried with [CLS] pooling on the validation split of the quick mode (seed 0, 400 steps): full fine-tuning at 3e-4
     # reached 82% val accuracy; meft1 at 3e-3 59%, at 1e-2 55%. --lr-sweep searches more widely.
     lr: dict = field(default_factory=lambda: {"full": 3e-4, "peft": 3e-3})
     adapter_rank: int = 8  # revify's default; the MEFT paper's adapters are of this order
+    # What the sequence classifier reads. BERT's pooler reads the [CLS] state, which BERT's
+    # next-sentence objective trains; masked-token pre-training here gives [CLS] no objective,
+    # so with a frozen backbone the pooler sees a state that carries little about the sequence
+    # (head-only training on it stayed at chance, 52%). "mean" pools every token's final state.
+    # Every method gets the same head, so the comparison stays like for like.
+    pooling: str = "mean"
 
     def task_key(self) -> dict:
         """The fields a saved pre-trained model must agree with to be reused."""
@@ -264,6 +275,22 @@ class StoredActivations(nn.Module):
             return self.model(*args, **kwargs)
 
 
+class MeanPooler(nn.Module):
+    """BERT's pooler (dense + tanh, the same weights) over the mean of all token states.
+
+    The synthetic sequences have no padding, so a plain mean over positions is the
+    masked mean.
+    """
+
+    def __init__(self, pooler: nn.Module):
+        super().__init__()
+        self.dense = pooler.dense
+        self.activation = pooler.activation
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states.mean(dim=1)))
+
+
 def family(method: str) -> str:
     """``full`` (every parameter trains) or ``peft`` (adapters and head); ``stored-<coupling>`` is peft."""
     return FAMILY.get(method, "peft")
@@ -282,6 +309,8 @@ def build(method: str, cfg: ParityConfig, lang: TopicLanguage, pretrained: str, 
         model = BertForSequenceClassification(bert_config(cfg, lang))
     else:
         model = BertForSequenceClassification.from_pretrained(pretrained, num_labels=2)
+    if cfg.pooling == "mean":
+        model.bert.pooler = MeanPooler(model.bert.pooler)  # reuses the weights: no extra random draws
     model.train()
     torch.manual_seed(seed + 1)  # adapter init
     if method == "full":
@@ -409,7 +438,7 @@ def format_table(cfg: ParityConfig, pre: PretrainResult, splits: Splits, rows: l
         f"downstream: corruption detection (rate {cfg.corrupt_rate}), {cfg.n_train} train / {cfg.n_val} val / "
         f"{cfg.n_test} test, chance 50%, reference that knows the generator {100 * splits.reference_test:.1f}% "
         f"on test; {cfg.ft_steps} steps × batch "
-        f"{cfg.ft_batch}, seeds {list(cfg.seeds)}, adapter rank {cfg.adapter_rank}",
+        f"{cfg.ft_batch}, seeds {list(cfg.seeds)}, adapter rank {cfg.adapter_rank}, {cfg.pooling} pooling",
         f"{'method':29} {'lr':>6} {'trainable':>9} {'test acc':>13} {'val':>5} {'Δfull':>6} "
         f"{'saved':>10} {'/full':>6} {'retained':>10} {'/full':>6} {'peak':>10} {'/full':>6} {'step':>7} "
         f"{'train':>6}  reversible",
@@ -429,8 +458,8 @@ def format_table(cfg: ParityConfig, pre: PretrainResult, splits: Splits, rows: l
     for r in rows:
         if r.method.startswith("meft"):
             gap, frac = r.acc()[0] - f_mean, r.memory.saved_bytes / fm.saved_bytes
-            met = abs(gap) <= 1.0 and frac < 0.20
-            lines.append(f"{LABELS[r.method]}: {gap:+.2f} accuracy points vs full fine-tuning (goal within 1), "
+            met = gap >= -1.0 and frac < 0.20
+            lines.append(f"{LABELS[r.method]}: {gap:+.2f} accuracy points vs full fine-tuning (goal: at most 1 below), "
                          f"saved {frac:.1%} of its activation bytes (goal < 20%): {'MET' if met else 'NOT MET'}")
     return "\n".join(lines)
 
@@ -495,6 +524,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[ParityConfig, argparse.
                     help="torch threads; on an oversubscribed CPU 1 can be much faster than 2")
     ap.add_argument("--lr-full", type=float, help="LR of full fine-tuning, checkpoint and revnet")
     ap.add_argument("--lr-peft", type=float, help="LR of the adapter methods")
+    ap.add_argument("--pooling", choices=("mean", "cls"),
+                    help="what the classifier reads: the mean of the token states (default) or [CLS] as in BERT")
     sizes = ("layers", "hidden", "pretrain_steps", "ft_steps", "n_train", "adapter_rank")
     for name in sizes:
         ap.add_argument("--" + name.replace("_", "-"), type=int)
@@ -503,6 +534,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[ParityConfig, argparse.
     over = {k: getattr(args, k) for k in sizes if getattr(args, k) is not None}
     if args.seeds:
         over["seeds"] = tuple(args.seeds)
+    if args.pooling:
+        over["pooling"] = args.pooling
     lr = dict(cfg.lr)
     lr.update({k: v for k, v in (("full", args.lr_full), ("peft", args.lr_peft)) if v is not None})
     return dataclasses.replace(cfg, lr=lr, **over), args
