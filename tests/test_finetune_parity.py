@@ -75,6 +75,17 @@ def test_checkpoint_losses_equal_full_finetuning(pretrained):
     assert full.losses[-1] != full.losses[0]  # the runs did train
 
 
+def test_head_pools_the_token_mean_unless_asked_for_cls(pretrained):
+    lang, path, _, _ = pretrained
+    mean = fp.build("full", TINY, lang, path, 0, {})
+    cls = fp.build("full", dataclasses.replace(TINY, pooling="cls"), lang, path, 0, {})
+    assert isinstance(mean.bert.pooler, fp.MeanPooler) and not isinstance(cls.bert.pooler, fp.MeanPooler)
+    # the same pooler weights either way: pooling changes what the head reads, not its init
+    assert torch.equal(mean.bert.pooler.dense.weight, cls.bert.pooler.dense.weight)
+    h = torch.randn(3, 5, TINY.hidden)
+    assert torch.allclose(mean.bert.pooler(h), cls.bert.pooler(h.mean(1, keepdim=True)))
+
+
 @pytest.mark.parametrize("coupling", ["meft1", "meft3"])
 def test_reversible_tracks_stored_activations(pretrained, coupling):
     rev = _losses(coupling, pretrained)
