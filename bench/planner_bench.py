@@ -282,6 +282,20 @@ def _verdicts(rows) -> list[str]:
             lines.append(f"vs compile: {o[0]} (kept {format_bytes(o[2])}): step x{ours:.2f} in eager, compile's "
                          f"knapsack at the same kept bytes x{theirs:.2f} — {verdict}; recomputed {ours_f:.2f} "
                          f"GFLOP, compile {theirs_f:.2f} — {verdict_f}")
+        # Compile's graph can keep a cheaper form of the same tensors at no recompute (on CPU, dropout
+        # masks as bool where eager's kernel keeps float), so its no-recompute point keeps less than
+        # eager's. Recompute per byte shed from each one's own no-recompute point separates the
+        # planners' choices from that representation gap.
+        offset = plain[2] - base[2]
+        lines.append(f"compile's no-recompute point keeps {format_bytes(abs(offset))} "
+                     f"{'less' if offset >= 0 else 'more'} than plain eager; at equal bytes shed from each "
+                     f"one's own no-recompute point:")
+        for o in (r for r in eager if r[0].startswith("revify activations")):
+            ours_f, theirs_f = (o[8] - plain[8]) / 1e9, _interpolate(flop_curve, o[2] - offset)
+            verdict_f = ("within 10%" if ours_f <= 1.10 * theirs_f + 0.01 * plain[8] / 1e9
+                         else "NOT within 10%")
+            lines.append(f"  {o[0]} (shed {format_bytes(plain[2] - o[2])}): recomputed {ours_f:.2f} GFLOP, "
+                         f"compile {theirs_f:.2f} — {verdict_f}")
     return lines
 
 

@@ -163,24 +163,34 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _profile_ops(run: "_BlockRun", forward_s: float) -> tuple[tuple[OpCost, ...], int | None]:
+def _profile_ops(run: "_BlockRun", forward_s: float, repeats: int = 3) -> tuple[tuple[OpCost, ...], int | None]:
     """The block's ops (times scaled to ``forward_s``) and how many a recompute replays.
+
+    Each op's time is its median over ``repeats`` recorded forwards: one run's
+    per-op times on a shared CPU swing by several times (a 1.5 MiB pointwise op
+    read as long as a matmul), and the planner ranks ops by them.
 
     Returns ``((), None)`` when a checkpointed run does not see the same number of
     ops as the recorded one: then op indices would not line up with the runtime
     policy's, and the planner falls back to whole-block figures.
     """
-    for _ in range(2):  # the first run warms caches up
+    runs = []
+    for _ in range(max(1, repeats) + 1):  # the first run warms caches up
         recorder = _OpRecorder(run.device)
         x = run.hidden()
         with recorder:
             run(x)
-    total = sum(dt for _, dt, _, _, _ in recorder.ops) or 1e-12
-    scale = forward_s / total
-    ops = tuple(OpCost(k, name, nbytes, dt * scale,
-                       ok and nbytes > 0 and all(t._version == v for t, v in outs))
-                for k, (name, dt, nbytes, outs, ok) in enumerate(recorder.ops))
-    del recorder
+        # keep no outputs past their run: (name, seconds, bytes, savable)
+        runs.append([(name, dt, nbytes, ok and nbytes > 0 and all(t._version == v for t, v in outs))
+                     for name, dt, nbytes, outs, ok in recorder.ops])
+        del recorder
+    last = runs[-1]
+    names = [op[0] for op in last]
+    timed = [r for r in runs[1:] if [op[0] for op in r] == names] or [last]
+    dts = [statistics.median(r[k][1] for r in timed) for k in range(len(last))]
+    scale = forward_s / (sum(dts) or 1e-12)
+    ops = tuple(OpCost(k, name, nbytes, dt * scale, savable)
+                for k, ((name, _, nbytes, savable), dt) in enumerate(zip(last, dts)))
 
     counter = _OpCounter()
 
@@ -307,7 +317,7 @@ def _measure(run: _BlockRun, repeats: int) -> BlockCost:
         _sync(run.device)
         times.append(time.perf_counter() - t0)
     forward_s = statistics.median(times[1:])
-    ops, replayed = _profile_ops(run, forward_s)
+    ops, replayed = _profile_ops(run, forward_s, repeats)
     selective_s = sum(o.seconds for o in ops if not _is_matmul(o.name)) if ops else forward_s
     cost = BlockCost(
         input_bytes=input_bytes, saved_bytes=interior, saves_input=x_ptr in saved, saves_output=out_ptr in saved,
