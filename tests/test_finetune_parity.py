@@ -152,3 +152,14 @@ def test_corruption_task_labels_and_reference():
     assert 0.9 < ref < 1.0  # learnable from transition statistics, not trivial
     weak = st.likelihood_reference_accuracy(lang, fit, st.corrupt(lang, corpus, rate=0.05, seed=6))
     assert weak < ref  # the rate threshold fit on 0.3 separates less at 0.05
+
+
+def test_best_threshold_matches_trying_every_threshold():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 60):
+        for ties in (False, True):
+            scores = (torch.randint(0, 5, (n,), generator=g).double() if ties
+                      else torch.randn(n, generator=g, dtype=torch.float64))
+            labels = torch.randint(0, 2, (n,), generator=g)
+            brute = max(scores.tolist(), key=lambda t: int(((scores < t).long() == labels).sum()))
+            assert st.best_threshold(scores, labels) == brute
