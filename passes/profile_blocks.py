@@ -166,9 +166,11 @@ class _OpCounter(TorchDispatchMode):
 def _profile_ops(run: "_BlockRun", forward_s: float, repeats: int = 3) -> tuple[tuple[OpCost, ...], int | None]:
     """The block's ops (times scaled to ``forward_s``) and how many a recompute replays.
 
-    Each op's time is its median over ``repeats`` recorded forwards: one run's
-    per-op times on a shared CPU swing by several times (a 1.5 MiB pointwise op
-    read as long as a matmul), and the planner ranks ops by them.
+    Each op's time is its median over ``repeats`` recorded forwards. The planner
+    ranks ops by time per byte, and in a single run one interrupted op on a
+    shared CPU can read many times its cost. The same 1.5 MiB pointwise op read
+    6.6 ms with another process running and 0.25 ms without. A median removes
+    such one-off spikes; it cannot fix load that lasts the whole profile.
 
     Returns ``((), None)`` when a checkpointed run does not see the same number of
     ops as the recorded one: then op indices would not line up with the runtime
