@@ -95,8 +95,12 @@ def test_budget_is_met_and_exact_gradients_kept():
     assert plan.budget.budget == budget and plan.budget.predicted_peak <= budget
     measured, _ = measure_memory(rmodel, case.example_inputs, case.loss_fn)
     assert measured <= budget * 1.03, (measured, budget)
-    # more memory, less recompute than at the smallest budget
-    assert plan.budget.predicted_recompute_s < least.predicted_recompute_s
+    # more memory, less recompute than at the smallest budget. Compared on one profile: the two
+    # revify() calls above each profiled the model, and per-op times differ by up to 2x between
+    # two profiles on a shared CPU, which is more than the difference between the two plans.
+    _, _, problem = _planner_problem(case.model, case.example_inputs, case.loss_fn)
+    smallest, _ = min_budget(problem)
+    assert solve(problem, max(budget, smallest)).cost < solve(problem, smallest).cost
     out_a, loss_a, grads_a = train_step(case.model, case)
     out_b, loss_b, grads_b = train_step(rmodel, case)
     assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
