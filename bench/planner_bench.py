@@ -291,10 +291,15 @@ def _verdicts(rows) -> list[str]:
                      f"{'less' if offset >= 0 else 'more'} than plain eager; at equal bytes shed from each "
                      f"one's own no-recompute point:")
         for o in (r for r in eager if r[0].startswith("revify activations")):
-            ours_f, theirs_f = (o[8] - plain[8]) / 1e9, _interpolate(flop_curve, o[2] - offset)
+            shed, ours_f = plain[2] - o[2], (o[8] - plain[8]) / 1e9
+            if o[2] - offset < compiled[0][2]:  # compile sheds less than this even at budget 0
+                lines.append(f"  {o[0]} (shed {format_bytes(shed)}): beyond compile's range (it sheds at most "
+                             f"{format_bytes(base[2] - compiled[0][2])}), not compared")
+                continue
+            theirs_f = _interpolate(flop_curve, o[2] - offset)
             verdict_f = ("within 10%" if ours_f <= 1.10 * theirs_f + 0.01 * plain[8] / 1e9
                          else "NOT within 10%")
-            lines.append(f"  {o[0]} (shed {format_bytes(plain[2] - o[2])}): recomputed {ours_f:.2f} GFLOP, "
+            lines.append(f"  {o[0]} (shed {format_bytes(shed)}): recomputed {ours_f:.2f} GFLOP, "
                          f"compile {theirs_f:.2f} — {verdict_f}")
     return lines
 
@@ -303,7 +308,7 @@ def _interpolate(curve: list[tuple[int, float]], kept: int) -> float:
     """Compile's step ratio at ``kept`` bytes: linear between its two nearest measured budgets.
 
     Beyond its largest point compile recomputes nothing, so the ratio there holds; below its
-    smallest one it is taken as its smallest point's (which keeps less, so favours compile).
+    smallest one it is taken as its smallest point's (which keeps more, so favours compile).
     """
     below = [p for p in curve if p[0] <= kept]
     above = [p for p in curve if p[0] >= kept]

@@ -188,7 +188,7 @@ def _profile_ops(run: "_BlockRun", forward_s: float, repeats: int = 3) -> tuple[
         del recorder
     last = runs[-1]
     names = [op[0] for op in last]
-    timed = [r for r in runs[1:] if [op[0] for op in r] == names] or [last]
+    timed = [r for r in runs[1:] if [op[0] for op in r] == names]  # includes the last run
     dts = [statistics.median(r[k][1] for r in timed) for k in range(len(last))]
     scale = forward_s / (sum(dts) or 1e-12)
     ops = tuple(OpCost(k, name, nbytes, dt * scale, savable)
