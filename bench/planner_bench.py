@@ -276,9 +276,7 @@ def _verdicts(rows) -> list[str]:
             ours, theirs = o[6], _interpolate(curve, o[2])
             ours_f, theirs_f = (o[8] - plain[8]) / 1e9, _interpolate(flop_curve, o[2])
             verdict = "within 10%" if ours <= 1.10 * theirs else "NOT within 10%"
-            # FLOPs: within 10% of compile's recompute, give or take 1% of a backward (when compile recomputes ~nothing)
-            verdict_f = ("within 10%" if ours_f <= 1.10 * theirs_f + 0.01 * plain[8] / 1e9
-                         else "NOT within 10%")
+            verdict_f = _flop_verdict(ours_f, theirs_f, plain[8])
             lines.append(f"vs compile: {o[0]} (kept {format_bytes(o[2])}): step x{ours:.2f} in eager, compile's "
                          f"knapsack at the same kept bytes x{theirs:.2f} — {verdict}; recomputed {ours_f:.2f} "
                          f"GFLOP, compile {theirs_f:.2f} — {verdict_f}")
@@ -297,11 +295,15 @@ def _verdicts(rows) -> list[str]:
                              f"{format_bytes(base[2] - compiled[0][2])}), not compared")
                 continue
             theirs_f = _interpolate(flop_curve, o[2] - offset)
-            verdict_f = ("within 10%" if ours_f <= 1.10 * theirs_f + 0.01 * plain[8] / 1e9
-                         else "NOT within 10%")
             lines.append(f"  {o[0]} (shed {format_bytes(shed)}): recomputed {ours_f:.2f} GFLOP, "
-                         f"compile {theirs_f:.2f} — {verdict_f}")
+                         f"compile {theirs_f:.2f} — {_flop_verdict(ours_f, theirs_f, plain[8])}")
     return lines
+
+
+def _flop_verdict(ours_gflop: float, theirs_gflop: float, backward_flops: int) -> str:
+    """Within 10% of compile's recompute, give or take 1% of a backward (when compile recomputes ~nothing)."""
+    return ("within 10%" if ours_gflop <= 1.10 * theirs_gflop + 0.01 * backward_flops / 1e9
+            else "NOT within 10%")
 
 
 def _interpolate(curve: list[tuple[int, float]], kept: int) -> float:

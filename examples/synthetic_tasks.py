@@ -252,7 +252,7 @@ def best_threshold(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """The score ``t`` among ``scores`` for which ``scores < t`` predicts ``labels`` best (first such).
 
     Sorted prefix counts, so O(N log N): trying every threshold against every
-    score is quadratic and took seconds at the full mode's 25600 examples.
+    score is N² comparisons, 655 million at the full mode's 25600 examples.
     """
     order = torch.argsort(scores)
     ones_before = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(labels[order].long(), 0)])
