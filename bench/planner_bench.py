@@ -7,6 +7,10 @@ Models: BERT-base shape (12 layers, hidden 768, batch 4, seq 128) and a
   keeps everything, for both kinds of budget: the step's peak
   (``budget_for="peak"``) and the bytes kept for backward
   (``budget_for="activations"``, what compile's budget trades against);
+  the activation budgets twice: recompute priced in measured time (the
+  default), and in FLOPs (``recompute_cost="flops"``, "least-FLOPs" rows),
+  the quantity compile's knapsack weighs, also at exactly the bytes each
+  compile budget kept;
 * sqrt(n) segments with ``torch.utils.checkpoint.checkpoint_sequential`` and
   per-block checkpointing (what users write by hand);
 * ``torch.compile(backend="aot_eager")`` with
@@ -51,7 +55,7 @@ from torch.utils.checkpoint import checkpoint_sequential
 import revify
 from revify.api import analyse_model
 from revify.measure import measure_saved_bytes, measure_training_memory
-from revify.passes.plan_budget import build_problem, checkpoint_plans, schedule_path
+from revify.passes.plan_budget import build_problem, checkpoint_plans, recompute_of, schedule_path
 from revify.passes.plan_checkpoint import plan_checkpoint
 from revify.passes.profile_blocks import profile_chains
 from revify.passes.profile_step import profile_step
@@ -132,7 +136,10 @@ def run_model(name: str, args) -> list[str]:
     profiles = profile_chains(model, chains)
     reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
     step = profile_step(reference, chains, inputs, loss)
-    problems = {kind: build_problem(profiles, step, budget_for=kind) for kind in ("peak", "activations")}
+    # (budget kind, recompute cost) -> problem: the time model for both kinds of budget, and FLOPs
+    # (compile's knapsack's own measure) for the activation budget compared with compile
+    sweeps = [("peak", "time"), ("activations", "time"), ("activations", "flops")]
+    problems = {sw: build_problem(profiles, step, budget_for=sw[0], recompute_cost=sw[1]) for sw in sweeps}
     plan_s = time.perf_counter() - t0
     rows = []
 
@@ -151,45 +158,56 @@ def run_model(name: str, args) -> list[str]:
     measure("plain (no recompute)", "eager", model)
     for schedule in ("sqrt(n)", "per-block"):
         plans = [plan_checkpoint(c, schedule) for c in chains]
-        path = schedule_path(problems["peak"], plans)
+        path = schedule_path(problems["peak", "time"], plans)
         m, _ = rewrite_checkpoint(model, plans)
-        measure(f"{schedule} checkpointing", "eager", m, (path_peak(problems["peak"], path)[0],
+        measure(f"{schedule} checkpointing", "eager", m, (path_peak(problems["peak", "time"], path)[0],
                                                           sum(o.cost for o in path)))
     measure("checkpoint_sequential sqrt(n)", "eager", _sequential(model, name, args))
-    plain_peak, plain_kept = rows[0][4], rows[0][2]
-    for kind, top in (("peak", plain_peak), ("activations", plain_kept)):
-        problem = problems[kind]
-        smallest, _ = min_budget(problem)
-        budgets = {smallest + max(0, top - smallest) * k // (args.points - 1) for k in range(args.points)}
-        # and exactly what each fixed schedule measured: the comparison at equal memory
-        col = 4 if kind == "peak" else 2
-        budgets |= {r[col] for r in rows[1:] if r[col] is not None and r[col] >= smallest}
-        budgets = sorted(budgets)
-        seen = set()
-        for budget in budgets:
-            sol = solve(problem, budget)
-            if sol is None or sol.options in seen:
-                continue
-            seen.add(sol.options)
-            m, _ = rewrite_checkpoint(model, checkpoint_plans(sol, profiles))
-            measure(f"revify {kind} budget {format_bytes(budget)}", "eager", m, (sol.peak, sol.cost))
-    # one budget through the public call: the same passes, so the same plan up to timing noise
-    public = revify.revify(model, inputs, memory_budget=rows[-1][7][0] if rows[-1][7] else None,
-                           budget_for="activations")
-    print(f"  revify() public call: {public.revify_plan.budget.budget_for} budget "
-          f"{format_bytes(public.revify_plan.budget.budget)}, segments "
-          f"{[s.describe() for cp in public.revify_plan.chains for s in cp.segments]}")
     if not args.no_compile:
+        # first, so that the FLOP sweep can also plan for exactly the bytes compile kept
         import torch._functorch.config as functorch_config
         for fraction in args.compile_budgets:
             torch._dynamo.reset()
             with functorch_config.patch(activation_memory_budget=fraction):
                 compiled = torch.compile(copy.deepcopy(model), backend="aot_eager")
-                t0 = time.perf_counter()
+                t1 = time.perf_counter()
                 default_loss_fn(call_model(compiled, inputs)).backward()
-                print(f"  compiled at budget {fraction} in {time.perf_counter() - t0:.0f} s", flush=True)
+                print(f"  compiled at budget {fraction} in {time.perf_counter() - t1:.0f} s", flush=True)
                 measure(f"torch.compile budget {fraction:g}", "compile", compiled)
-    return _table(name, args, rows, plan_s, {k: min_budget(p)[0] for k, p in problems.items()})
+    plain_peak, plain_kept = rows[0][4], rows[0][2]
+    for kind, unit in sweeps:
+        problem = problems[kind, unit]
+        top = plain_peak if kind == "peak" else plain_kept
+        smallest, _ = min_budget(problem)
+        budgets = {smallest + max(0, top - smallest) * k // (args.points - 1) for k in range(args.points)}
+        # and exactly what each fixed schedule measured: the comparison at equal memory
+        col = 4 if kind == "peak" else 2
+        families = ("eager", "compile") if unit == "flops" else ("eager",)
+        budgets |= {r[col] for r in rows[1:] if r[1] in families and not r[0].startswith("revify")
+                    and r[col] is not None and r[col] >= smallest}
+        seen = set()
+        for budget in sorted(budgets):
+            sol = solve(problem, budget)
+            if sol is None or sol.options in seen:
+                continue
+            seen.add(sol.options)
+            m, _ = rewrite_checkpoint(model, checkpoint_plans(sol, profiles))
+            seconds, _ = recompute_of(sol.options)
+            measure(f"{_prefix(kind, unit)} budget {format_bytes(budget)}", "eager", m, (sol.peak, seconds))
+    # one budget through the public call: the same passes, so the same plan (FLOPs do not drift)
+    last = next(r for r in reversed(rows) if r[0].startswith(_prefix("activations", "flops")))
+    public = revify.revify(model, inputs, memory_budget=last[7][0], budget_for="activations",
+                           recompute_cost="flops")
+    b = public.revify_plan.budget
+    print(f"  revify() public call: {b.budget_for} budget {format_bytes(b.budget)}, least {b.recompute_cost}, "
+          f"predicted {b.predicted_recompute_flops / 1e9:.2f} GFLOP; segments "
+          f"{[s.describe() for cp in public.revify_plan.chains for s in cp.segments]}")
+    return _table(name, args, rows, plan_s, {sw: min_budget(p)[0] for sw, p in problems.items()})
+
+
+def _prefix(kind: str, unit: str) -> str:
+    """Row label of a planner sweep: the time model's rows keep their old names."""
+    return f"revify {kind}" if unit == "time" else f"revify {kind} least-FLOPs"
 
 
 def _sequential(model: nn.Module, name: str, args) -> nn.Module:
@@ -224,7 +242,7 @@ def _table(name: str, args, rows, plan_s: float, smallest: dict[str, int]) -> li
             if name == "bert" else f"MLP-ResNet: {args.blocks} blocks, dim {args.dim}, batch {args.rows}")
     out = [f"{desc}, fp32, {torch.get_num_threads()} CPU threads — measured, except columns marked pred",
            f"planner: profiled in {plan_s:.1f} s; smallest feasible budgets (predicted): peak "
-           f"{format_bytes(smallest['peak'])}, activations {format_bytes(smallest['activations'])}",
+           f"{format_bytes(smallest['peak', 'time'])}, activations {format_bytes(smallest['activations', 'time'])}",
            f"{'variant':40} {'kept':>10} {'/plain':>6} {'saved':>10} {'peak':>10} {'/plain':>6} {'pred':>10} "
            f"{'step':>8} {'xbase':>6} {'xeager':>6} {'pred recompute':>14} {'re-GFLOP':>8}"]
     for label, family, kept, saved, peak, step_s, ratio, predicted, flops in rows:
@@ -248,55 +266,74 @@ def _table(name: str, args, rows, plan_s: float, smallest: dict[str, int]) -> li
     return out
 
 
+def _sweep_rows(rows, kind: str, unit: str) -> list:
+    return [r for r in rows if r[1] == "eager" and r[0].startswith(_prefix(kind, unit) + " budget")]
+
+
 def _verdicts(rows) -> list[str]:
     """Does the planner's curve dominate the fixed schedules, and how far is it from the knapsack?"""
     eager = [r for r in rows if r[1] == "eager"]
     plain = eager[0]
+    fixed = [r for r in eager if "checkpointing" in r[0] or "checkpoint_sequential" in r[0]]
     lines = []
-    for kind, col in (("peak", 4), ("activations", 2)):
-        ours = [r for r in eager if r[0].startswith(f"revify {kind}")]
-        for r in eager:
-            if not ("checkpointing" in r[0] or "checkpoint_sequential" in r[0]):
-                continue
+    for kind, unit, col in (("peak", "time", 4), ("activations", "time", 2), ("activations", "flops", 2)):
+        ours = _sweep_rows(rows, kind, unit)
+        name = f"{kind}" if unit == "time" else f"{kind}, least FLOPs"
+        what = "peak" if kind == "peak" else "kept"
+        for r in fixed:
             fits = [o for o in ours if o[col] <= r[col] * 1.01]
-            what = "peak" if kind == "peak" else "kept"
             if not fits:
-                lines.append(f"{kind}: {r[0]} ({what} {format_bytes(r[col])}): no revify point at or below it")
+                lines.append(f"{name}: {r[0]} ({what} {format_bytes(r[col])}): no revify point at or below it")
                 continue
             best = min(fits, key=lambda o: o[6])
+            least = min(fits, key=lambda o: o[8])
             verdict = "dominates or ties" if best[6] <= r[6] * 1.05 else "slower"
-            lines.append(f"{kind}: {r[0]} ({what} {format_bytes(r[col])}, step x{r[6]:.2f}); revify at no "
-                         f"more {what}: step x{best[6]:.2f} — {verdict}")
+            verdict_f = "fewer or equal" if least[8] <= r[8] else "more"
+            lines.append(f"{name}: {r[0]} ({what} {format_bytes(r[col])}, step x{r[6]:.2f}, recomputed "
+                         f"{(r[8] - plain[8]) / 1e9:.2f} GFLOP); revify at no more {what}: step x{best[6]:.2f} — "
+                         f"{verdict}; recomputed {(least[8] - plain[8]) / 1e9:.2f} GFLOP — {verdict_f}")
     compiled = sorted((r for r in rows if r[1] == "compile"), key=lambda r: r[2])
-    if compiled:
-        base = next(r for r in rows if r[1] == "compile")  # budget 1: no recompute
-        curve = [(c[2], c[6] / base[6]) for c in compiled]
-        flop_curve = [(c[2], (c[8] - base[8]) / 1e9) for c in compiled]
-        for o in (r for r in eager if r[0].startswith("revify activations")):
-            ours, theirs = o[6], _interpolate(curve, o[2])
+    if not compiled:
+        return lines
+    base = next(r for r in rows if r[1] == "compile")  # budget 1: no recompute
+    curve = [(c[2], c[6] / base[6]) for c in compiled]
+    flop_curve = [(c[2], (c[8] - base[8]) / 1e9) for c in compiled]
+    # Compile's graph can keep a cheaper form of the same tensors at no recompute (on CPU, dropout
+    # masks as bool where eager's kernel keeps float), so its no-recompute point keeps less than
+    # eager's. Recompute per byte shed from each one's own no-recompute point separates the
+    # planners' choices from that representation gap.
+    offset = plain[2] - base[2]
+    for unit in ("time", "flops"):
+        ours = _sweep_rows(rows, "activations", unit)
+        met_t = met_f = met_shed = compared_shed = 0
+        for o in ours:
+            ratio, theirs = o[6], _interpolate(curve, o[2])
             ours_f, theirs_f = (o[8] - plain[8]) / 1e9, _interpolate(flop_curve, o[2])
-            verdict = "within 10%" if ours <= 1.10 * theirs else "NOT within 10%"
+            verdict = "within 10%" if ratio <= 1.10 * theirs else "NOT within 10%"
             verdict_f = _flop_verdict(ours_f, theirs_f, plain[8])
-            lines.append(f"vs compile: {o[0]} (kept {format_bytes(o[2])}): step x{ours:.2f} in eager, compile's "
+            met_t += verdict == "within 10%"
+            met_f += verdict_f == "within 10%"
+            lines.append(f"vs compile: {o[0]} (kept {format_bytes(o[2])}): step x{ratio:.2f} in eager, compile's "
                          f"knapsack at the same kept bytes x{theirs:.2f} — {verdict}; recomputed {ours_f:.2f} "
                          f"GFLOP, compile {theirs_f:.2f} — {verdict_f}")
-        # Compile's graph can keep a cheaper form of the same tensors at no recompute (on CPU, dropout
-        # masks as bool where eager's kernel keeps float), so its no-recompute point keeps less than
-        # eager's. Recompute per byte shed from each one's own no-recompute point separates the
-        # planners' choices from that representation gap.
-        offset = plain[2] - base[2]
         lines.append(f"compile's no-recompute point keeps {format_bytes(abs(offset))} "
                      f"{'less' if offset >= 0 else 'more'} than plain eager; at equal bytes shed from each "
                      f"one's own no-recompute point:")
-        for o in (r for r in eager if r[0].startswith("revify activations")):
+        for o in ours:
             shed, ours_f = plain[2] - o[2], (o[8] - plain[8]) / 1e9
             if o[2] - offset < compiled[0][2]:  # compile sheds less than this even at budget 0
                 lines.append(f"  {o[0]} (shed {format_bytes(shed)}): beyond compile's range (it sheds at most "
                              f"{format_bytes(base[2] - compiled[0][2])}), not compared")
                 continue
             theirs_f = _interpolate(flop_curve, o[2] - offset)
+            verdict_f = _flop_verdict(ours_f, theirs_f, plain[8])
+            compared_shed += 1
+            met_shed += verdict_f == "within 10%"
             lines.append(f"  {o[0]} (shed {format_bytes(shed)}): recomputed {ours_f:.2f} GFLOP, "
-                         f"compile {theirs_f:.2f} — {_flop_verdict(ours_f, theirs_f, plain[8])}")
+                         f"compile {theirs_f:.2f} — {verdict_f}")
+        lines.append(f"summary, {_prefix('activations', unit)}: within 10% of compile at equal kept bytes in "
+                     f"step time at {met_t} of {len(ours)} points, in recomputed FLOPs at {met_f} of {len(ours)}; "
+                     f"at equal bytes shed, in FLOPs at {met_shed} of {compared_shed}")
     return lines
 
 

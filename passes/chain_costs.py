@@ -21,6 +21,11 @@ measured eager overhead of each checkpointed block (``checkpoint_overhead_s``,
 ``selective_overhead_s``): selective checkpointing runs a Python dispatch
 mode on every op, which on CPU can cost as much as the recompute it saves.
 
+Recompute is priced by ``Pricing``: measured seconds (``"time"``, the
+default), or FLOPs as ``torch.utils.flop_counter`` counts them
+(``"flops"``), with the time model only breaking ties among options of
+equal FLOPs. Every option also carries both figures (``Option.parts``).
+
 Each option's ``keep`` is what it adds to the bytes kept for backward, and
 its ``need`` the peak above what was kept before it, in forward
 (``base_f`` + the blocks' forward transients) or backward (``base_b`` + the
@@ -47,6 +52,37 @@ from .solve_schedule import Option
 
 POLICY_OPTIONS = ("keep", "recompute", "save_matmuls", "save_ops")
 SAVE_OPS_LEVELS = 8  # thresholds tried per chain: more options, a slower solve
+RECOMPUTE_COSTS = ("time", "flops")
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What the planner minimises when it recomputes: measured seconds, or FLOPs.
+
+    ``"time"`` prices an op at its measured share of the block's forward, plus
+    the measured eager overheads of checkpointing: the plan that should step
+    fastest on the machine that profiled it, though ops of similar cost per
+    byte can swap places between two profiles. ``"flops"`` prices an op at
+    its FLOPs and adds the seconds as well, so that among options of equal
+    FLOPs (pointwise ops count zero) the time model decides; a second weighs
+    as one FLOP, far below any matmul, so it never outweighs a FLOP
+    difference. Its plans do not depend on timing noise.
+    """
+
+    unit: str = "time"
+
+    def __post_init__(self) -> None:
+        if self.unit not in RECOMPUTE_COSTS:
+            raise ValueError(f"unknown recompute_cost {self.unit!r}; choose one of {', '.join(RECOMPUTE_COSTS)}")
+
+    def price(self, seconds: float, flops: float) -> float:
+        return seconds if self.unit == "time" else flops + seconds
+
+    def op(self, o: OpCost) -> float:
+        return self.price(o.seconds, o.flops)
+
+    def per_byte(self, o: OpCost) -> float:
+        return self.op(o) / o.out_bytes if o.out_bytes else 0.0
 
 
 @dataclass(frozen=True)
@@ -106,8 +142,9 @@ class _Runs:
                    + self.blocks[k].forward_transient for k in range(i, j))
 
 
-def save_ops_thresholds(blocks: tuple[BlockCost, ...], levels: int = SAVE_OPS_LEVELS) -> tuple[float, ...]:
-    """Seconds-per-byte thresholds for ``save_ops``: the savable ops' own ratios, at most ``levels``.
+def save_ops_thresholds(blocks: tuple[BlockCost, ...], levels: int = SAVE_OPS_LEVELS,
+                        pricing: Pricing = Pricing()) -> tuple[float, ...]:
+    """Cost-per-byte thresholds for ``save_ops``: the savable ops' own ratios, at most ``levels``.
 
     With more distinct ratios than levels, the thresholds split the savable bytes
     (taken in decreasing ratio) into near-equal parts; the highest ratio always
@@ -117,7 +154,8 @@ def save_ops_thresholds(blocks: tuple[BlockCost, ...], levels: int = SAVE_OPS_LE
     for b in {id(b): b for b in blocks}.values():  # identical blocks share one profile
         for o in b.ops:
             if o.savable:
-                ratios[o.seconds_per_byte] = ratios.get(o.seconds_per_byte, 0) + o.out_bytes
+                r = pricing.per_byte(o)
+                ratios[r] = ratios.get(r, 0) + o.out_bytes
     ordered = sorted(ratios.items(), reverse=True)
     if len(ordered) <= levels:
         return tuple(r for r, _ in ordered)
@@ -133,51 +171,60 @@ def save_ops_thresholds(blocks: tuple[BlockCost, ...], levels: int = SAVE_OPS_LE
     return tuple(picked)
 
 
-def saved_ops_of(block: BlockCost, threshold: float, last: bool) -> tuple[OpCost, ...]:
+def saved_ops_of(block: BlockCost, threshold: float, last: bool, pricing: Pricing = Pricing()) -> tuple[OpCost, ...]:
     """The ops whose outputs a ``save_ops`` segment keeps in ``block`` at ``threshold``."""
     pool = block.replayed if last and block.replayed is not None else block.ops
-    return tuple(o for o in pool if o.savable and o.seconds_per_byte >= threshold)
+    return tuple(o for o in pool if o.savable and pricing.per_byte(o) >= threshold)
 
 
-def saved_ops_plan(blocks: tuple[BlockCost, ...], i: int, j: int,
-                   threshold: float) -> tuple[tuple[tuple[int, str], ...], ...]:
+def saved_ops_plan(blocks: tuple[BlockCost, ...], i: int, j: int, threshold: float,
+                   pricing: Pricing = Pricing()) -> tuple[tuple[tuple[int, str], ...], ...]:
     """``Segment.saved_ops`` of a ``save_ops`` option over blocks ``[i, j)``."""
-    return tuple(tuple((o.index, o.name) for o in saved_ops_of(blocks[k], threshold, k == j - 1))
+    return tuple(tuple((o.index, o.name) for o in saved_ops_of(blocks[k], threshold, k == j - 1, pricing))
                  for k in range(i, j))
 
 
 class _Selective:
-    """Per block and threshold: bytes kept and seconds recomputed, inside a segment or as its last block."""
+    """Per block and threshold: bytes kept, and (seconds, FLOPs) recomputed, inside a segment or as its last block."""
 
-    def __init__(self, blocks: tuple[BlockCost, ...], thresholds: tuple[float, ...]):
-        self.inner: dict[tuple[int, float], tuple[int, float]] = {}
-        self.last: dict[tuple[int, float], tuple[int, float]] = {}
+    def __init__(self, blocks: tuple[BlockCost, ...], thresholds: tuple[float, ...], pricing: Pricing):
+        self.inner: dict[tuple[int, float], tuple[int, float, float]] = {}
+        self.last: dict[tuple[int, float], tuple[int, float, float]] = {}
         for k, b in enumerate(blocks):
             for t in thresholds:
-                for last, table, total in ((False, self.inner, b.forward_s), (True, self.last, b.replay_s)):
-                    kept = saved_ops_of(b, t, last)
-                    table[k, t] = (sum(o.out_bytes for o in kept), total - sum(o.seconds for o in kept))
+                for last, table, secs, flops in ((False, self.inner, b.forward_s, b.forward_flops),
+                                                 (True, self.last, b.replay_s, b.replay_flops)):
+                    kept = saved_ops_of(b, t, last, pricing)
+                    table[k, t] = (sum(o.out_bytes for o in kept), secs - sum(o.seconds for o in kept),
+                                   flops - sum(o.flops for o in kept))
+
+
+def _prefix(values: list[float]) -> list[float]:
+    out = [0.0]
+    for v in values:
+        out.append(out[-1] + v)
+    return out
 
 
 def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int, chain_index: int,
                   policies: tuple[str, ...] = POLICY_OPTIONS, max_segment: int | None = None,
-                  reversible: ReversibleCost | None = None) -> list[Option]:
+                  reversible: ReversibleCost | None = None, pricing: Pricing = Pricing()) -> list[Option]:
     """Every option for every stretch of one chain, at global positions ``offset + i``."""
     runs = _Runs(blocks)
     n = len(blocks)
     options = []
-    thresholds = save_ops_thresholds(blocks) if "save_ops" in policies else ()
-    selective = _Selective(blocks, thresholds)
-    # prefix sums of whole-block recompute over the inner blocks of a segment
-    full = [0.0] * (n + 1)
-    matmul_free = [0.0] * (n + 1)
-    ckpt_over = [0.0] * (n + 1)
-    sac_over = [0.0] * (n + 1)
-    for k, b in enumerate(blocks):
-        full[k + 1] = full[k] + b.forward_s
-        matmul_free[k + 1] = matmul_free[k] + b.selective_recompute_s
-        ckpt_over[k + 1] = ckpt_over[k] + b.checkpoint_overhead_s
-        sac_over[k + 1] = sac_over[k] + b.selective_overhead_s
+    thresholds = save_ops_thresholds(blocks, pricing=pricing) if "save_ops" in policies else ()
+    selective = _Selective(blocks, thresholds, pricing)
+    # prefix sums of whole-block recompute over the inner blocks of a segment, in seconds and FLOPs
+    full = _prefix([b.forward_s for b in blocks])
+    full_f = _prefix([b.forward_flops for b in blocks])
+    matmul_free = _prefix([b.selective_recompute_s for b in blocks])
+    matmul_free_f = _prefix([b.selective_recompute_flops for b in blocks])
+    ckpt_over = _prefix([b.checkpoint_overhead_s for b in blocks])
+    sac_over = _prefix([b.selective_overhead_s for b in blocks])
+
+    def priced(start: int, end: int, keep: int, need: int, seconds: float, flops: float, label: tuple) -> Option:
+        return Option(start, end, keep, need, pricing.price(seconds, flops), label, (seconds, flops))
     for i in range(n):
         extra = bases.start_need if i == 0 else 0
         top = n if max_segment is None else min(n, i + max_segment)
@@ -189,38 +236,41 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
             if "keep" in policies:
                 kept_before = [runs.kept(i, k) for k in range(i, j)]
                 fwd = bases.base_f + runs.forward_need(i, j, kept_before)
-                options.append(Option(offset + i, offset + j, runs.kept(i, j), max(fwd, bwd, extra), 0.0,
-                                       ("keep", chain_index, i, j)))
+                options.append(priced(offset + i, offset + j, runs.kept(i, j), max(fwd, bwd, extra), 0.0, 0.0,
+                                      ("keep", chain_index, i, j)))
             if "recompute" in policies:
                 fwd = bases.base_f + x + runs.forward_need(i, j, [0] * (j - i))
-                cost = full[j - 1] - full[i] + blocks[j - 1].replay_s + ckpt_over[j] - ckpt_over[i]
-                options.append(Option(offset + i, offset + j, x, max(fwd, bwd + own, extra), cost,
+                seconds = full[j - 1] - full[i] + blocks[j - 1].replay_s + ckpt_over[j] - ckpt_over[i]
+                flops = full_f[j - 1] - full_f[i] + blocks[j - 1].replay_flops
+                options.append(priced(offset + i, offset + j, x, max(fwd, bwd + own, extra), seconds, flops,
                                       ("recompute", chain_index, i, j)))
             if "save_matmuls" in policies:
                 cached = [sum(b.selective_saved_bytes for b in blocks[i:k]) for k in range(i, j)]
                 fwd = bases.base_f + x + runs.forward_need(i, j, cached)
                 keep = x + sum(b.selective_saved_bytes for b in blocks[i:j])
-                cost = (matmul_free[j - 1] - matmul_free[i] + blocks[j - 1].selective_replay_s
-                        + sac_over[j] - sac_over[i])
-                options.append(Option(offset + i, offset + j, keep, max(fwd, bwd + own, extra), cost,
+                seconds = (matmul_free[j - 1] - matmul_free[i] + blocks[j - 1].selective_replay_s
+                           + sac_over[j] - sac_over[i])
+                flops = matmul_free_f[j - 1] - matmul_free_f[i] + blocks[j - 1].selective_replay_flops
+                options.append(priced(offset + i, offset + j, keep, max(fwd, bwd + own, extra), seconds, flops,
                                       ("save_matmuls", chain_index, i, j)))
             for t in thresholds:
                 per_block = [selective.inner[k, t] for k in range(i, j - 1)] + [selective.last[j - 1, t]]
                 cached = [0]
-                for kept, _ in per_block[:-1]:
+                for kept, _, _ in per_block[:-1]:
                     cached.append(cached[-1] + kept)
                 fwd = bases.base_f + x + runs.forward_need(i, j, cached)
-                keep = x + sum(kept for kept, _ in per_block)
-                cost = sum(s for _, s in per_block) + sac_over[j] - sac_over[i]
-                options.append(Option(offset + i, offset + j, keep, max(fwd, bwd + own, extra), cost,
-                                      ("save_ops", chain_index, i, j, t)))
+                keep = x + sum(kept for kept, _, _ in per_block)
+                seconds = sum(s for _, s, _ in per_block) + sac_over[j] - sac_over[i]
+                flops = sum(f for _, _, f in per_block)
+                options.append(priced(offset + i, offset + j, keep, max(fwd, bwd + own, extra), seconds, flops,
+                                      ("save_ops", chain_index, i, j, t, pricing.unit)))
     if reversible is not None and n >= 2:
-        options.append(_reversible_option(blocks, bases, offset, chain_index, runs, reversible))
+        options.append(_reversible_option(blocks, bases, offset, chain_index, runs, reversible, pricing))
     return options
 
 
 def _reversible_option(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int, chain_index: int,
-                       runs: _Runs, rev: ReversibleCost) -> Option:
+                       runs: _Runs, rev: ReversibleCost, pricing: Pricing) -> Option:
     stream = int(blocks[0].input_bytes * rev.stream_ratio)
     # saved: the two final streams (the chain's output, like every option's, is live in
     # the phase after the chain and so counted there)
@@ -232,5 +282,7 @@ def _reversible_option(blocks: tuple[BlockCost, ...], bases: ChainBases, offset:
         + 6 * stream + grads_total
     fwd = max(b.saved_bytes + b.forward_transient for b in blocks) + 3 * stream
     need = max(bases.base_f + fwd, bases.base_b + keep + bwd, bases.start_need)
-    cost = sum(b.forward_s for b in blocks) + rev.adapter_s * len(blocks)
-    return Option(offset, offset + len(blocks), keep, need, cost, ("reversible", chain_index, 0, len(blocks)))
+    seconds = sum(b.forward_s for b in blocks) + rev.adapter_s * len(blocks)
+    flops = sum(b.forward_flops for b in blocks)  # adapters' FLOPs are not counted: rank r ≪ hidden size
+    return Option(offset, offset + len(blocks), keep, need, pricing.price(seconds, flops),
+                  ("reversible", chain_index, 0, len(blocks)), (seconds, flops))

@@ -10,6 +10,10 @@ Pipeline of the planner (each step its own file):
    save_matmuls, reversible), with the memory each adds and needs;
 4. ``solve_schedule``: the exact DP for the least recompute under the budget.
 
+Recompute is measured seconds by default (``recompute_cost="time"``), or
+FLOPs (``"flops"``: deterministic plans, what ``torch.compile``'s knapsack
+weighs); the plan predicts both.
+
 The budget is the predicted peak of one training step's tensors above what
 lives before it (parameters, buffers, inputs, optimizer state): activations,
 gradients and temporaries — what ``revify.measure`` measures as peak.
@@ -38,7 +42,7 @@ from torch import nn
 
 from revify.units import format_bytes
 
-from .chain_costs import POLICY_OPTIONS, ChainBases, ReversibleCost, chain_options, saved_ops_plan
+from .chain_costs import POLICY_OPTIONS, ChainBases, Pricing, ReversibleCost, chain_options, saved_ops_plan
 from .find_chains import Chain
 from .plan_checkpoint import ChainPlan, Segment, plan_checkpoint
 from .plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
@@ -64,6 +68,8 @@ class BudgetPlan:
     forward_s: float  # measured forward time of the whole model (no grad), for the extra-forward fraction
     pareto: list[tuple[int, int, float]] = field(default_factory=list)  # (budget, predicted peak, recompute s)
     budget_for: str = "peak"  # what the budget and the predicted "peak" bound: "peak" or "activations"
+    recompute_cost: str = "time"  # what the plan minimises: "time" (measured seconds) or "flops"
+    predicted_recompute_flops: float = 0.0  # as torch.utils.flop_counter counts them
 
 
 def _stream_ratio(dtype: torch.dtype, options: ReversibleOptions) -> float:
@@ -131,14 +137,17 @@ BUDGET_FOR = ("peak", "activations")
 
 
 def build_problem(profiles: list[ChainProfile], step: StepProfile, *, policies: tuple[str, ...] = POLICY_OPTIONS,
-                  reversible: list[ReversibleCost | None] | None = None, budget_for: str = "peak") -> Problem:
+                  reversible: list[ReversibleCost | None] | None = None, budget_for: str = "peak",
+                  recompute_cost: str = "time") -> Problem:
     """The solver's problem for all chains, laid end to end in execution order.
 
     ``budget_for="peak"``: the budget bounds the step's predicted peak.
     ``"activations"``: it bounds the bytes kept for backward when the forward
     ends (chains' kept bytes plus everything else alive then, measured), the
     quantity ``torch.compile``'s activation_memory_budget trades against.
+    ``recompute_cost``: what an option's ``cost`` is (``chain_costs.Pricing``).
     """
+    pricing = Pricing(recompute_cost)
     if budget_for not in BUDGET_FOR:
         raise ValueError(f"unknown budget_for {budget_for!r}; choose one of {', '.join(BUDGET_FOR)}")
     ref_kept = [sum(b.input_bytes for b in p.blocks) for p in profiles]  # every block its own segment
@@ -147,12 +156,12 @@ def build_problem(profiles: list[ChainProfile], step: StepProfile, *, policies: 
     offset = 0
     for c, (prof, base) in enumerate(zip(profiles, bases)):
         rev = reversible[c] if reversible else None
-        options += chain_options(prof.blocks, base, offset, c, policies, reversible=rev)
+        options += chain_options(prof.blocks, base, offset, c, policies, reversible=rev, pricing=pricing)
         offset += len(prof.blocks)
     if budget_for == "activations":
         loss = step.find("loss")
         outside = (loss.live if loss is not None else 0) - sum(ref_kept)
-        options = [Option(o.start, o.end, o.keep, 0, o.cost, o.label) for o in options]
+        options = [replace(o, need=0) for o in options]
         final_need = max(0, outside)
     return Problem(offset, tuple(options), final_need)
 
@@ -200,6 +209,11 @@ def _model_forward_s(model: nn.Module, example_inputs: Any, repeats: int = 2) ->
     return statistics.median(times)
 
 
+def recompute_of(options: tuple[Option, ...] | list[Option]) -> tuple[float, float]:
+    """Predicted (seconds, FLOPs) recomputed by a path of options, whichever the solver minimised."""
+    return sum(o.parts[0] for o in options if o.parts), sum(o.parts[1] for o in options if o.parts)
+
+
 def segments_of(options: tuple[Option, ...] | list[Option], prof: ChainProfile, chain_index: int) -> tuple[Segment, ...]:
     """The checkpoint segments a solution's options stand for on one chain (kept runs are not segments)."""
     segments = []
@@ -208,7 +222,9 @@ def segments_of(options: tuple[Option, ...] | list[Option], prof: ChainProfile, 
         if o.label[1] != chain_index or policy in ("keep", "reversible"):
             continue
         start, end = o.label[2], o.label[3]
-        saved = saved_ops_plan(prof.blocks, start, end, o.label[4]) if policy == "save_ops" else None
+        # label: ("save_ops", chain, start, end, threshold, unit of the threshold's cost per byte)
+        saved = (saved_ops_plan(prof.blocks, start, end, o.label[4], Pricing(o.label[5]))
+                 if policy == "save_ops" else None)
         segments.append(Segment(start, end, policy, saved))
     return tuple(segments)
 
@@ -223,7 +239,7 @@ def _plans_from(solution: Solution, profiles: list[ChainProfile],
     chains, revs = [], []
     for c, prof in enumerate(profiles):
         mine = [o for o in solution.options if o.label[1] == c]
-        recompute = sum(o.cost for o in mine)
+        recompute = recompute_of(mine)[0]
         chain_forward = sum(b.forward_s for b in prof.blocks)
         predicted = dict(predicted_saved_bytes=_chain_kept(mine, c),
                          predicted_peak_bytes=solution.peak,
@@ -242,8 +258,10 @@ def _plans_from(solution: Solution, profiles: list[ChainProfile],
 def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budget: int | None, *,
                 allow_reversible: bool = False, reversible_options: ReversibleOptions | None = None,
                 loss_fn: Callable[[Any], torch.Tensor] | None = None,
-                policies: tuple[str, ...] = POLICY_OPTIONS, budget_for: str = "peak") -> BudgetPlan:
+                policies: tuple[str, ...] = POLICY_OPTIONS, budget_for: str = "peak",
+                recompute_cost: str = "time") -> BudgetPlan:
     """Plan every chain for ``budget`` bytes (None: the least memory, then the least recompute)."""
+    Pricing(recompute_cost)  # an unknown unit fails before minutes of profiling
     profiles = profile_chains(model, chains)
     reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
     step = profile_step(reference, chains, example_inputs, loss_fn)
@@ -256,7 +274,8 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
             if isinstance(decided, ReversiblePlan):
                 reversible_plans[c] = decided
                 costs[c] = _reversible_cost(model, prof, options)
-    problem = build_problem(profiles, step, policies=policies, reversible=costs, budget_for=budget_for)
+    problem = build_problem(profiles, step, policies=policies, reversible=costs, budget_for=budget_for,
+                            recompute_cost=recompute_cost)
     least = min_budget(problem)
     if least is None:
         raise BudgetError("no schedule covers the chains (no options were generated)")
@@ -270,7 +289,8 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
                           f"revify can reach on these inputs is {format_bytes(smallest)} ({smallest} bytes){hint}")
     forward_s = _model_forward_s(model, example_inputs)
     chain_plans, rev_plans = _plans_from(solution, profiles, reversible_plans)
-    front = [(b, s.peak, s.cost) for b, s in pareto(problem)]
-    return BudgetPlan(chain_plans, rev_plans, target, solution.peak, solution.cost, smallest, forward_s, front,
-                      budget_for)
+    front = [(b, s.peak, recompute_of(s.options)[0]) for b, s in pareto(problem)]
+    seconds, flops = recompute_of(solution.options)
+    return BudgetPlan(chain_plans, rev_plans, target, solution.peak, seconds, smallest, forward_s, front,
+                      budget_for, recompute_cost, flops)
 

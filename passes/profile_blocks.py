@@ -17,7 +17,8 @@ After::
     BlockCost(input_bytes=1.5 MiB, saved_bytes=19 MiB, saves_input=True, saves_output=False,
               forward_transient=6 MiB, backward_transient=14 MiB, grad_bytes=27 MiB,
               forward_s=0.081, selective_saved_bytes=9 MiB, selective_recompute_s=0.012,
-              ops=(OpCost(0, "aten.native_layer_norm.default", 1.5 MiB, 0.002, True), …), replayed_ops=41)
+              ops=(OpCost(0, "aten.native_layer_norm.default", 1.5 MiB, 0.002, True, flops=0), …),
+              replayed_ops=41, forward_flops=43.5e9)
 
 ``ops`` lists every op of the forward that selective checkpointing sees, in
 order, with its output bytes and time: the planner's menu for keeping single
@@ -30,6 +31,13 @@ as soon as autograd has every saved tensor back, so a block ending in
 neither its hidden input or output, nor a side input (mask, rotary tables),
 nor a parameter. The boundary tensors are flags, because whether they are
 kept depends on the neighbouring blocks' schedule.
+
+FLOPs (``OpCost.flops``, ``forward_flops``) are counted as
+``torch.utils.flop_counter`` counts them (matmuls, convolutions, attention
+kernels it knows; pointwise ops count zero). The planner's
+``recompute_cost="flops"`` minimises them instead of the measured time: a
+plan that timing noise cannot flip, and the quantity ``torch.compile``'s
+activation-memory knapsack weighs by default.
 """
 from __future__ import annotations
 
@@ -42,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from torch.utils.checkpoint import SAC_IGNORED_OPS
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from revify.measure import LiveStorageTracker
 from revify.runtime.checkpoint_segment import _SAVED_BY_SAVE_MATMULS, _checkpoint
@@ -59,6 +68,7 @@ class OpCost:
     out_bytes: int  # bytes of the new storages it returns
     seconds: float  # its share of the block's measured forward time
     savable: bool  # keeping its output is safe: new storage, not random, not modified in place later
+    flops: int = 0  # as torch.utils.flop_counter counts them (zero for pointwise ops)
 
     @property
     def seconds_per_byte(self) -> float:
@@ -84,6 +94,8 @@ class BlockCost:
     # eager overheads beyond the recomputed ops, measured (see ``_overheads``)
     checkpoint_overhead_s: float = 0.0
     selective_overhead_s: float = 0.0
+    forward_flops: int = 0  # FlopCounterMode over one forward
+    selective_recompute_flops: int = 0  # FLOPs of the ops the save_matmuls policy recomputes
 
     @property
     def replayed(self) -> tuple[OpCost, ...] | None:
@@ -107,6 +119,19 @@ class BlockCost:
         return sum(o.seconds for o in replayed if not _is_matmul(o.name))
 
     @property
+    def replay_flops(self) -> int:
+        """FLOPs a recompute that ends in this block spends in it."""
+        replayed = self.replayed
+        return self.forward_flops if replayed is None else sum(o.flops for o in replayed)
+
+    @property
+    def selective_replay_flops(self) -> int:
+        replayed = self.replayed
+        if replayed is None:
+            return self.selective_recompute_flops
+        return sum(o.flops for o in replayed if not _is_matmul(o.name))
+
+    @property
     def kept_bytes(self) -> int:
         """What the block keeps when not checkpointed, not counting a neighbour's share."""
         return self.saved_bytes + self.input_bytes * self.saves_input + self.input_bytes * self.saves_output
@@ -121,7 +146,7 @@ def _is_matmul(name: str) -> bool:
 
 
 class _OpRecorder(TorchDispatchMode):
-    """Every op selective checkpointing would see: name, wall time, new output storages.
+    """Every op selective checkpointing would see: name, wall time, new output storages, FLOPs.
 
     Outputs are held until the forward ends, to notice ones modified in place later
     (selective checkpointing refuses to hand back a mutated saved output).
@@ -130,7 +155,7 @@ class _OpRecorder(TorchDispatchMode):
     def __init__(self, device: torch.device):
         super().__init__()
         self.cuda = device.type == "cuda"
-        self.ops: list[tuple[str, float, int, list[tuple[torch.Tensor, int]], bool]] = []
+        self.ops: list[tuple[str, float, int, list[tuple[torch.Tensor, int]], bool, int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -148,7 +173,9 @@ class _OpRecorder(TorchDispatchMode):
         fresh = {_ptr(t): t.untyped_storage().nbytes() for t in outs if _ptr(t) not in inputs and _ptr(t) != 0}
         ok = bool(outs) and len(fresh) == len({_ptr(t) for t in outs}) \
             and torch.Tag.nondeterministic_seeded not in func.tags
-        self.ops.append((str(func), dt, sum(fresh.values()), [(t, t._version) for t in outs], ok))
+        count = flop_registry.get(func._overloadpacket)
+        flops = int(count(*args, **kwargs, out_val=out)) if count is not None else 0
+        self.ops.append((str(func), dt, sum(fresh.values()), [(t, t._version) for t in outs], ok, flops))
         return out
 
 
@@ -182,17 +209,17 @@ def _profile_ops(run: "_BlockRun", forward_s: float, repeats: int = 3) -> tuple[
         x = run.hidden()
         with recorder:
             run(x)
-        # keep no outputs past their run: (name, seconds, bytes, savable)
-        runs.append([(name, dt, nbytes, ok and nbytes > 0 and all(t._version == v for t, v in outs))
-                     for name, dt, nbytes, outs, ok in recorder.ops])
+        # keep no outputs past their run: (name, seconds, bytes, savable, flops)
+        runs.append([(name, dt, nbytes, ok and nbytes > 0 and all(t._version == v for t, v in outs), flops)
+                     for name, dt, nbytes, outs, ok, flops in recorder.ops])
         del recorder
     last = runs[-1]
     names = [op[0] for op in last]
     timed = [r for r in runs[1:] if [op[0] for op in r] == names]  # includes the last run
     dts = [statistics.median(r[k][1] for r in timed) for k in range(len(last))]
     scale = forward_s / (sum(dts) or 1e-12)
-    ops = tuple(OpCost(k, name, nbytes, dt * scale, savable)
-                for k, ((name, _, nbytes, savable), dt) in enumerate(zip(last, dts)))
+    ops = tuple(OpCost(k, name, nbytes, dt * scale, savable, flops)
+                for k, ((name, _, nbytes, savable, flops), dt) in enumerate(zip(last, dts)))
 
     counter = _OpCounter()
 
@@ -319,14 +346,19 @@ def _measure(run: _BlockRun, repeats: int) -> BlockCost:
         _sync(run.device)
         times.append(time.perf_counter() - t0)
     forward_s = statistics.median(times[1:])
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        run(run.hidden())
+    forward_flops = counter.get_total_flops()
     ops, replayed = _profile_ops(run, forward_s, repeats)
     selective_s = sum(o.seconds for o in ops if not _is_matmul(o.name)) if ops else forward_s
+    selective_flops = sum(o.flops for o in ops if not _is_matmul(o.name)) if ops else forward_flops
     cost = BlockCost(
         input_bytes=input_bytes, saved_bytes=interior, saves_input=x_ptr in saved, saves_output=out_ptr in saved,
         forward_transient=max(0, forward_peak - retained), backward_transient=max(0, backward_peak),
         grad_bytes=_grad_bytes(run.module), forward_s=forward_s,
         selective_saved_bytes=max(0, selective_retained), selective_recompute_s=selective_s,
-        ops=ops, replayed_ops=replayed)
+        ops=ops, replayed_ops=replayed, forward_flops=forward_flops, selective_recompute_flops=selective_flops)
     ckpt_over, sac_over = _overheads(run, cost, repeats)
     return replace(cost, checkpoint_overhead_s=ckpt_over, selective_overhead_s=sac_over)
 

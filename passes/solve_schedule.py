@@ -41,8 +41,9 @@ class Option:
     end: int
     keep: int  # bytes added to the state from the start of this option until backward passes it
     need: int  # peak bytes above the state at its start, in forward or backward
-    cost: float  # recompute seconds
+    cost: float  # what the solver minimises: recompute seconds, or FLOPs (``chain_costs.Pricing``)
     label: Any = None
+    parts: tuple[float, ...] = ()  # what ``cost`` is made of, for reports; the solver ignores it
 
 
 @dataclass(frozen=True)

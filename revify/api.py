@@ -75,7 +75,7 @@ def _resolve_schedule(strategy: str, schedule: str | None, memory_budget: Any) -
 def _analyse(model: nn.Module, example_inputs: Any, strategy: str, options: ReversibleOptions | None,
              schedule: str = "sqrt(n)", memory_budget: Any = None,
              loss_fn: Callable[[Any], torch.Tensor] | None = None,
-             budget_for: str = "peak") -> tuple[Plan, CallTrace | None]:
+             budget_for: str = "peak", recompute_cost: str = "time") -> tuple[Plan, CallTrace | None]:
     plan, trace, analysis = analyse_model(model, example_inputs, strategy)
     if analysis is None:
         return plan, trace
@@ -92,7 +92,7 @@ def _analyse(model: nn.Module, example_inputs: Any, strategy: str, options: Reve
             budget = None if memory_budget is None else parse_bytes(memory_budget)
             decided = plan_budget(model, list(analysis.chains), example_inputs, budget,
                                   allow_reversible=strategy == "auto", reversible_options=options, loss_fn=loss_fn,
-                                  budget_for=budget_for)
+                                  budget_for=budget_for, recompute_cost=recompute_cost)
             plan.chains, plan.reversible, plan.budget = decided.chains, decided.reversible, decided
     else:
         plan.chains = [plan_checkpoint(c, schedule) for c in analysis.chains]
@@ -163,8 +163,8 @@ def convert(model: nn.Module, plan: Plan, trace: CallTrace | None, example_input
 
 
 def revify(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", *,
-           memory_budget: int | str | None = None, budget_for: str = "peak", schedule: str | None = None,
-           loss_fn: Callable[[Any], torch.Tensor] | None = None, strict: bool = False,
+           memory_budget: int | str | None = None, budget_for: str = "peak", recompute_cost: str = "time",
+           schedule: str | None = None, loss_fn: Callable[[Any], torch.Tensor] | None = None, strict: bool = False,
            coupling: str = "meft1", lam: float | None = None, beta: float | None = None,
            adapter_rank: int = 8, adapter_init: str = "zero", freeze_backbone: bool | None = None,
            tolerance: float = 1e-4, stream_dtype: str | None = None,
@@ -180,7 +180,11 @@ def revify(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", 
     budget it takes the least memory it can reach, then the least recompute.
     The budget bounds the step's peak (activations, gradients, temporaries;
     not parameters or optimizer state), or with ``budget_for="activations"``
-    the bytes kept for backward when the forward ends.
+    the bytes kept for backward when the forward ends. Recompute is the
+    measured time (``recompute_cost="time"``: the plan that should step
+    fastest here), or FLOPs as ``torch.utils.flop_counter`` counts them
+    (``"flops"``: the same plan on every run, independent of timing noise,
+    and the quantity ``torch.compile``'s activation-memory knapsack weighs).
     ``schedule="sqrt(n)"`` or ``"per-block"`` use a fixed schedule instead.
     An infeasible budget raises ``BudgetError`` with the smallest feasible
     one. ``loss_fn(output)`` is the loss of the measured step (default: mean
@@ -214,5 +218,6 @@ def revify(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", 
     options = _options(strategy, coupling=coupling, lam=lam, beta=beta, adapter_rank=adapter_rank,
                        adapter_init=adapter_init, freeze_backbone=freeze_backbone, tolerance=tolerance,
                        stream_dtype=stream_dtype, check_reconstruction=check_reconstruction)
-    plan, trace = _analyse(model, example_inputs, strategy, options, schedule, memory_budget, loss_fn, budget_for)
+    plan, trace = _analyse(model, example_inputs, strategy, options, schedule, memory_budget, loss_fn, budget_for,
+                           recompute_cost)
     return convert(model, plan, trace, example_inputs, strict=strict)

@@ -173,6 +173,8 @@ def _conversion_options(args) -> dict:
             kw["memory_budget"] = parse_bytes(args.budget)
         except ValueError as exc:
             raise UsageError(f"--budget: {exc}") from None
+    if getattr(args, "recompute_cost", None) is not None:
+        kw["recompute_cost"] = args.recompute_cost
     return kw
 
 
@@ -315,6 +317,9 @@ def _add_conversion(p: argparse.ArgumentParser) -> None:
                         "couplings (changes the architecture); auto: the budget planner may also use reversible")
     g.add_argument("--budget", metavar="BYTES", help="activation memory budget, e.g. 6GiB (budget planner)")
     g.add_argument("--schedule", help="checkpoint schedule: budget (the planner, default), sqrt(n) or per-block")
+    g.add_argument("--recompute-cost", choices=("time", "flops"),
+                   help="what the budget planner minimises: measured recompute time (default) or FLOPs "
+                        "(the same plan on every run)")
     g.add_argument("--coupling", choices=("meft1", "meft2", "meft3", "revnet"),
                    help="reversible coupling (default meft1)")
     g.add_argument("--lam", type=float, help="λ, scaling of the first stream (default: the coupling's)")

@@ -13,7 +13,7 @@ from revify.passes.capture import Region
 from revify.passes.find_chains import Rejection
 from revify.passes.plan_checkpoint import ChainPlan
 from revify.passes.plan_reversible import ReversiblePlan
-from revify.units import format_bytes
+from revify.units import format_bytes, format_flops
 
 
 @dataclass
@@ -56,9 +56,12 @@ class Plan:
             b = self.budget
             extra = f", {b.predicted_recompute_s / b.forward_s:.0%} of a forward" if b.forward_s else ""
             kind = "peak" if b.budget_for == "peak" else "activations kept for backward"
+            unit = getattr(b, "recompute_cost", "time")
+            flops = getattr(b, "predicted_recompute_flops", 0.0)
             lines.append(f"  budget {format_bytes(b.budget)}: predicted {kind} {format_bytes(b.predicted_peak)}, "
-                         f"recompute {b.predicted_recompute_s * 1e3:.1f} ms{extra} "
-                         f"(smallest feasible {format_bytes(b.smallest_budget)}; predicted from measured block "
+                         f"recompute {b.predicted_recompute_s * 1e3:.1f} ms{extra}, {format_flops(flops)} "
+                         f"(least {'time' if unit == 'time' else 'FLOPs'}; "
+                         f"smallest feasible {format_bytes(b.smallest_budget)}; predicted from measured block "
                          "costs and one measured step)")
         for i, cp in enumerate(self.chains):
             blocks = cp.chain.blocks

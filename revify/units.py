@@ -40,3 +40,12 @@ def format_bytes(n: float) -> str:
             return f"{sign}{int(n)} B" if unit == "B" else f"{sign}{n:.2f} {unit}"
         n /= 1024.0
     return f"{sign}{n:.2f} TiB"
+
+
+def format_flops(n: float) -> str:
+    """Human-readable FLOP count (FLOP, MFLOP, GFLOP, TFLOP; decimal prefixes, as FLOP rates use)."""
+    n = float(n)
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} FLOP"

@@ -226,3 +226,69 @@ def test_save_ops_thresholds_split_the_savable_bytes():
     # as the last block of a segment, nothing after the replayed prefix is kept
     assert all(o.index < 12 for o in saved_ops_of(block, 0.0, last=True))
     assert not any(o.index % 5 == 4 for o in saved_ops_of(block, 0.0, last=False))
+
+
+def _backward_flops(model, inputs) -> int:
+    """FLOPs of one backward, recomputation included (the forward runs outside the counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loss = _logits_loss(model(*inputs))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def test_least_flops_plans_recompute_exactly_the_predicted_flops():
+    """``recompute_cost="flops"``: the FLOPs a plan predicts are the ones its backward adds, counted
+    by FlopCounterMode (exact integers, not a tolerance); gradients stay exact; and at every budget it
+    recomputes no more FLOPs than the time-priced plan for the same budget (both plans fit it, and
+    the FLOP-priced solve is exact, with seconds only breaking ties)."""
+    from revify.passes.plan_budget import recompute_of
+
+    torch.manual_seed(0)
+    model = MLPResNet(dim=128, n_blocks=8).train()
+    inputs = (torch.randn(64, 128),)
+    _, _, analysis = analyse_model(model, inputs, "checkpoint")
+    chains = list(analysis.chains)
+    profiles = profile_chains(model, chains, repeats=1)
+    reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
+    step = profile_step(reference, chains, inputs, _logits_loss)
+    # one profile for both, so that both problems see the same bytes
+    by_time, by_flops = (build_problem(profiles, step, budget_for="activations", recompute_cost=unit)
+                         for unit in ("time", "flops"))
+    block = profiles[0].blocks[0]
+    assert block.forward_flops == 2 * 2 * 64 * 128 * 256  # two matmuls, 64 rows, 128 -> 256 -> 128
+    assert sum(o.flops for o in block.ops) == block.forward_flops
+    base = _backward_flops(model, inputs)
+    least = min_budget(by_time)[1].peak
+    everything = solve(by_time, 1 << 40).peak
+    policies = set()
+    for frac in (0.0, 0.3, 0.6):
+        budget = int(least + frac * (everything - least)) + 4096
+        sol_f, sol_t = solve(by_flops, budget), solve(by_time, budget)
+        flops, flops_t = recompute_of(sol_f.options)[1], recompute_of(sol_t.options)[1]
+        assert flops <= flops_t + 1, (frac, flops, flops_t)
+        plans = checkpoint_plans(sol_f, profiles)
+        policies |= {s.policy for p in plans for s in p.segments}
+        rmodel, _ = rewrite_checkpoint(model, plans)
+        assert _backward_flops(rmodel, inputs) - base == flops, frac
+        out_a, _, grads_a = train_step(model, ZooCase("m", model, inputs, _logits_loss, 8))
+        out_b, _, grads_b = train_step(rmodel, ZooCase("m", rmodel, inputs, _logits_loss, 8))
+        assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    assert "save_ops" in policies, policies  # it keeps matmul outputs rather than recompute them
+
+
+def test_recompute_cost_through_the_public_call():
+    torch.manual_seed(0)
+    model = MLPResNet(dim=64, n_blocks=4).train()
+    inputs = (torch.randn(32, 64),)
+    rmodel = revify.revify(model, inputs, memory_budget="40KiB", budget_for="activations",
+                           recompute_cost="flops")
+    plan = rmodel.revify_plan
+    assert plan.budget.recompute_cost == "flops"
+    assert plan.budget.predicted_recompute_flops == _backward_flops(rmodel, inputs) - _backward_flops(model, inputs)
+    assert plan.budget.predicted_recompute_flops > 0 and "FLOP (least FLOPs" in str(plan)
+    with pytest.raises(ValueError, match="unknown recompute_cost 'speed'; choose one of time, flops"):
+        revify.revify(model, inputs, memory_budget="40KiB", recompute_cost="speed")

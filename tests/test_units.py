@@ -18,3 +18,12 @@ def test_parse_bytes_refuses_with_reason(bad):
 def test_format_bytes_round_trip():
     assert format_bytes(6 * 2**30) == "6.00 GiB"
     assert parse_bytes(format_bytes(6 * 2**30).replace(" ", "")) == 6 * 2**30
+
+
+def test_format_flops():
+    from revify.units import format_flops
+
+    assert format_flops(0) == "0 FLOP"
+    assert format_flops(8_388_608) == "8.39 MFLOP"
+    assert format_flops(89.39e9) == "89.39 GFLOP"
+    assert format_flops(2.5e12) == "2.50 TFLOP"
