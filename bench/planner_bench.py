@@ -61,7 +61,7 @@ from revify.passes.profile_blocks import profile_chains
 from revify.passes.profile_step import profile_step
 from revify.passes.record_calls import call_model
 from revify.passes.rewrite_checkpoint import rewrite_checkpoint
-from revify.passes.solve_schedule import min_budget, path_peak, solve
+from revify.passes.solve_schedule import min_budget, path_peak, solve_within
 from revify.report import default_loss_fn
 from revify.units import format_bytes
 
@@ -187,7 +187,7 @@ def run_model(name: str, args) -> list[str]:
                     and r[col] is not None and r[col] >= smallest}
         seen = set()
         for budget in sorted(budgets):
-            sol = solve(problem, budget)
+            sol = solve_within(problem, budget)  # what revify() solves for a given budget
             if sol is None or sol.options in seen:
                 continue
             seen.add(sol.options)

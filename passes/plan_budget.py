@@ -50,7 +50,7 @@ from .profile_blocks import ChainProfile, profile_chains
 from .profile_step import StepProfile, profile_step
 from .record_calls import call_model
 from .rewrite_checkpoint import rewrite_checkpoint
-from .solve_schedule import Option, Problem, Solution, min_budget, pareto, solve
+from .solve_schedule import Option, Problem, Solution, min_budget, pareto, solve_within
 
 
 class BudgetError(ValueError):
@@ -281,7 +281,9 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
         raise BudgetError("no schedule covers the chains (no options were generated)")
     smallest = least[0]
     target = smallest if budget is None else budget
-    solution = least[1] if budget is None else solve(problem, budget)
+    # below the smallest budget the rounded solver accepts, fail even where solve_within might find a
+    # path lost to rounding: the error names one boundary, and every budget above it is accepted
+    solution = least[1] if budget is None else solve_within(problem, budget) if budget >= smallest else None
     if solution is None:
         hint = "" if allow_reversible else "; strategy='auto' may go lower with reversible chains"
         what = "peak" if budget_for == "peak" else "activation memory"

@@ -158,6 +158,33 @@ def solve(problem: Problem, budget: int, resolution: int = 4000) -> Solution | N
     return Solution(tuple(chosen), float(sum(o.cost for o in chosen)), peak, kept)
 
 
+def solve_within(problem: Problem, budget: int, resolution: int = 4000) -> Solution | None:
+    """Like ``solve``, but also finds paths that fit ``budget`` only within the rounding.
+
+    ``solve`` rounds every option's bytes up, so a path of m options can be
+    refused although its exact peak fits, by up to m + 1 units: a budget set
+    to exactly what a schedule keeps (per-block checkpointing over 64 blocks)
+    loses that schedule. Here the solver also runs at internal budgets up to
+    that much above ``budget`` (a binary search, about log2(length) more
+    solves) and keeps the cheapest answer whose exact peak fits. Never costlier
+    than ``solve``, never above ``budget``; unlike ``solve``, acceptance is
+    not guaranteed to grow with the budget, so ``min_budget`` does not use it.
+    """
+    best = solve(problem, budget, resolution)
+    unit = _unit(problem, resolution)
+    lo, hi = 1, problem.length + 1  # extra units tried above the budget
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        got = solve(problem, budget + mid * unit, resolution)
+        if got is not None and got.peak <= budget:
+            if best is None or (got.cost, got.peak) < (best.cost, best.peak):
+                best = got
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
 def min_budget(problem: Problem, resolution: int = 4000) -> tuple[int, Solution] | None:
     """The smallest budget ``solve`` accepts, and its solution (None if no path covers the chain).
 

@@ -292,3 +292,37 @@ def test_recompute_cost_through_the_public_call():
     assert plan.budget.predicted_recompute_flops > 0 and "FLOP (least FLOPs" in str(plan)
     with pytest.raises(ValueError, match="unknown recompute_cost 'speed'; choose one of time, flops"):
         revify.revify(model, inputs, memory_budget="40KiB", recompute_cost="speed")
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_least_flops_prediction_is_exact_on_transformers(name):
+    """The same FLOP identity on Hugging Face models (attention matmuls, dropout, rotary tables)."""
+    from revify.passes.plan_budget import recompute_of
+
+    case = CASES[name]()
+    model, inputs = case.model, case.example_inputs
+    _, profiles, problem = _planner_problem(model, inputs, case.loss_fn, budget_for="activations",
+                                            recompute_cost="flops")
+
+    def backward_flops(m) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+        from revify.passes.record_calls import call_model
+
+        torch.manual_seed(1)
+        loss = case.loss_fn(call_model(m, inputs))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss.backward()
+        m.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    base = backward_flops(model)
+    least = min_budget(problem)[1].peak
+    everything = solve(problem, 1 << 40).peak
+    predicted = []
+    for frac in (0.0, 0.5):
+        sol = solve(problem, int(least + frac * (everything - least)) + 4096)
+        rmodel, _ = rewrite_checkpoint(model, checkpoint_plans(sol, profiles))
+        predicted.append(recompute_of(sol.options)[1])
+        assert backward_flops(rmodel) - base == predicted[-1], frac
+    assert predicted[0] > predicted[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from revify.passes.solve_schedule import Option, Problem, min_budget, path_peak, pareto, solve
+from revify.passes.solve_schedule import Option, Problem, min_budget, path_peak, pareto, solve, solve_within
 
 
 @st.composite
@@ -80,6 +80,36 @@ def test_rounding_never_accepts_what_does_not_fit(problem, resolution):
     assert solution.peak <= smallest
     assert solve(problem, smallest, resolution=resolution) is not None
     assert smallest == 0 or solve(problem, smallest - 1, resolution=resolution) is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.integers(1, 50), st.integers(0, 250))
+def test_solve_within_finds_paths_lost_to_rounding(problem, resolution, budget):
+    # coarse units: never above the budget, never costlier than solve; exact units: the optimum
+    got, strict = solve_within(problem, budget, resolution), solve(problem, budget, resolution)
+    if got is not None:
+        assert got.peak <= budget
+    if strict is not None:
+        assert got is not None and got.cost <= strict.cost
+    exact = solve_within(problem, budget, resolution=10**6)
+    best = _brute(problem, budget)
+    assert (exact is None) == (best is None) and (exact is None or exact.cost == best)
+
+
+def test_solve_within_takes_a_schedule_at_exactly_its_bytes():
+    # 8 blocks: recompute each alone (keeps 10 bytes, costs 1) or two at once (keeps 10, costs 3);
+    # the budget is exactly what per-block keeps, and rounding up every option's 10 bytes to
+    # units of the scale / 40 refuses per-block
+    options = []
+    for i in range(8):
+        options.append(Option(i, i + 1, 10, 10, 1.0, "one"))
+        if i + 2 <= 8:
+            options.append(Option(i, i + 2, 10, 20, 3.0, "two"))
+    problem = Problem(8, tuple(options))
+    per_block, _ = path_peak(problem, [o for o in options if o.label == "one"])
+    assert solve(problem, per_block, resolution=40) is None or solve(problem, per_block, resolution=40).cost > 8
+    got = solve_within(problem, per_block, resolution=40)
+    assert got.cost == 8.0 and got.peak == per_block
 
 
 def test_pareto_trades_memory_for_recompute():
