@@ -9,8 +9,8 @@ Models: BERT-base shape (12 layers, hidden 768, batch 4, seq 128) and a
   (``budget_for="activations"``, what compile's budget trades against);
   the activation budgets twice: recompute priced in measured time (the
   default), and in FLOPs (``recompute_cost="flops"``, "least-FLOPs" rows),
-  the quantity compile's knapsack weighs, also at exactly the bytes each
-  compile budget kept;
+  the quantity compile's knapsack weighs, whose budgets also include the
+  bytes each compile budget kept (so its summary counts more points);
 * sqrt(n) segments with ``torch.utils.checkpoint.checkpoint_sequential`` and
   per-block checkpointing (what users write by hand);
 * ``torch.compile(backend="aot_eager")`` with
@@ -161,10 +161,10 @@ def run_model(name: str, args) -> list[str]:
         path = schedule_path(problems["peak", "time"], plans)
         m, _ = rewrite_checkpoint(model, plans)
         measure(f"{schedule} checkpointing", "eager", m, (path_peak(problems["peak", "time"], path)[0],
-                                                          sum(o.cost for o in path)))
+                                                          *recompute_of(path)))
     measure("checkpoint_sequential sqrt(n)", "eager", _sequential(model, name, args))
     if not args.no_compile:
-        # first, so that the FLOP sweep can also plan for exactly the bytes compile kept
+        # first, so that the FLOP sweep can also take the bytes compile kept as budgets
         import torch._functorch.config as functorch_config
         for fraction in args.compile_budgets:
             torch._dynamo.reset()
@@ -192,16 +192,19 @@ def run_model(name: str, args) -> list[str]:
                 continue
             seen.add(sol.options)
             m, _ = rewrite_checkpoint(model, checkpoint_plans(sol, profiles))
-            seconds, _ = recompute_of(sol.options)
-            measure(f"{_prefix(kind, unit)} budget {format_bytes(budget)}", "eager", m, (sol.peak, seconds))
-    # one budget through the public call: the same passes, so the same plan (FLOPs do not drift)
-    last = next(r for r in reversed(rows) if r[0].startswith(_prefix("activations", "flops")))
-    public = revify.revify(model, inputs, memory_budget=last[7][0], budget_for="activations",
+            measure(f"{_prefix(kind, unit)} budget {format_bytes(budget)}", "eager", m,
+                    (sol.peak, *recompute_of(sol.options), budget))
+    # a mid-sweep budget through the public call: it profiles again, so its per-op times differ from
+    # the sweep's, but the least FLOPs under the budget must not
+    ours = _sweep_rows(rows, "activations", "flops")
+    mid = ours[len(ours) // 2]
+    public = revify.revify(model, inputs, memory_budget=mid[7][3], budget_for="activations",
                            recompute_cost="flops")
     b = public.revify_plan.budget
-    print(f"  revify() public call: {b.budget_for} budget {format_bytes(b.budget)}, least {b.recompute_cost}, "
-          f"predicted {b.predicted_recompute_flops / 1e9:.2f} GFLOP; segments "
-          f"{[s.describe() for cp in public.revify_plan.chains for s in cp.segments]}")
+    same = "the same" if b.predicted_recompute_flops == mid[7][2] else "NOT the same"
+    print(f"  revify() public call at the budget of '{mid[0]}': least {b.recompute_cost}, predicted "
+          f"{b.predicted_recompute_flops / 1e9:.2f} GFLOP, the sweep's plan {mid[7][2] / 1e9:.2f} — {same}; "
+          f"segments {[s.describe() for cp in public.revify_plan.chains for s in cp.segments]}")
     return _table(name, args, rows, plan_s, {sw: min_budget(p)[0] for sw, p in problems.items()})
 
 
@@ -235,7 +238,7 @@ def _sequential(model: nn.Module, name: str, args) -> nn.Module:
     return model
 
 
-def _table(name: str, args, rows, plan_s: float, smallest: dict[str, int]) -> list[str]:
+def _table(name: str, args, rows, plan_s: float, smallest: dict[tuple[str, str], int]) -> list[str]:
     plain = next(r for r in rows if r[1] == "eager")
     base_compile = next((r for r in rows if r[1] == "compile"), None)
     desc = (f"BERT shape: {args.layers} layers, hidden {args.hidden}, batch {args.batch_size}, seq {args.seq_len}"
@@ -244,24 +247,26 @@ def _table(name: str, args, rows, plan_s: float, smallest: dict[str, int]) -> li
            f"planner: profiled in {plan_s:.1f} s; smallest feasible budgets (predicted): peak "
            f"{format_bytes(smallest['peak', 'time'])}, activations {format_bytes(smallest['activations', 'time'])}",
            f"{'variant':40} {'kept':>10} {'/plain':>6} {'saved':>10} {'peak':>10} {'/plain':>6} {'pred':>10} "
-           f"{'step':>8} {'xbase':>6} {'xeager':>6} {'pred recompute':>14} {'re-GFLOP':>8}"]
+           f"{'step':>8} {'xbase':>6} {'xeager':>6} {'pred recompute':>14} {'pred GF':>8} {'re-GFLOP':>8}"]
     for label, family, kept, saved, peak, step_s, ratio, predicted, flops in rows:
         xbase = ratio if family == "eager" else ratio / base_compile[6]
         base_flops = plain[8] if family == "eager" else base_compile[8]
         pred = format_bytes(predicted[0]) if predicted else "-"
         pred_cost = f"{predicted[1] * 1e3:.0f} ms" if predicted else "-"
+        pred_flops = f"{predicted[2] / 1e9:8.2f}" if predicted else f"{'-':>8}"
         peak_s = format_bytes(peak) if peak is not None else "n/a"
         peak_r = f"{peak / plain[4]:6.3f}" if peak is not None else f"{'':6}"
         out.append(f"{label:40} {format_bytes(kept):>10} {kept / plain[2]:6.3f} {format_bytes(saved):>10} "
                    f"{peak_s:>10} {peak_r} {pred:>10} {step_s * 1e3:6.0f}ms {xbase:6.2f} {ratio:6.2f} {pred_cost:>14} "
-                   f"{(flops - base_flops) / 1e9:8.2f}")
+                   f"{pred_flops} {(flops - base_flops) / 1e9:8.2f}")
     out.append("kept: bytes alive when backward starts (eager; compile: saved-tensor bytes); pred: the planner's "
                "predicted peak (peak budgets, fixed schedules) or kept bytes (activation budgets); xbase: step "
                "time over plain eager (eager rows) or over torch.compile at budget 1 (compile rows), the median "
                "of ratios to plain eager steps run alternately with the variant's; xeager: that median ratio to plain "
                "eager itself, for every row (compile's baseline is not eager's); step: the fastest step; "
-               "re-GFLOP: matmul FLOPs recomputed in backward (FlopCounterMode, over plain eager or compile at "
-               "budget 1)")
+               "pred recompute, pred GF: the planner's predicted recompute seconds and GFLOP (revify's rows "
+               "minimise the first, least-FLOPs rows the second); re-GFLOP: FLOPs recomputed in backward, measured "
+               "(FlopCounterMode, over plain eager or compile at budget 1)")
     out += _verdicts(rows)
     return out
 
@@ -290,8 +295,9 @@ def _verdicts(rows) -> list[str]:
             verdict = "dominates or ties" if best[6] <= r[6] * 1.05 else "slower"
             verdict_f = "fewer or equal" if least[8] <= r[8] else "more"
             lines.append(f"{name}: {r[0]} ({what} {format_bytes(r[col])}, step x{r[6]:.2f}, recomputed "
-                         f"{(r[8] - plain[8]) / 1e9:.2f} GFLOP); revify at no more {what}: step x{best[6]:.2f} — "
-                         f"{verdict}; recomputed {(least[8] - plain[8]) / 1e9:.2f} GFLOP — {verdict_f}")
+                         f"{(r[8] - plain[8]) / 1e9:.2f} GFLOP); at no more {what}, the fastest revify point "
+                         f"('{best[0]}') steps x{best[6]:.2f} — {verdict}; the least-recompute one ('{least[0]}') "
+                         f"recomputes {(least[8] - plain[8]) / 1e9:.2f} GFLOP — {verdict_f}")
     compiled = sorted((r for r in rows if r[1] == "compile"), key=lambda r: r[2])
     if not compiled:
         return lines
@@ -303,6 +309,8 @@ def _verdicts(rows) -> list[str]:
     # eager's. Recompute per byte shed from each one's own no-recompute point separates the
     # planners' choices from that representation gap.
     offset = plain[2] - base[2]
+    lines.append(f"compile's no-recompute point keeps {format_bytes(abs(offset))} "
+                 f"{'less' if offset >= 0 else 'more'} than plain eager")
     for unit in ("time", "flops"):
         ours = _sweep_rows(rows, "activations", unit)
         met_t = met_f = met_shed = compared_shed = 0
@@ -316,9 +324,8 @@ def _verdicts(rows) -> list[str]:
             lines.append(f"vs compile: {o[0]} (kept {format_bytes(o[2])}): step x{ratio:.2f} in eager, compile's "
                          f"knapsack at the same kept bytes x{theirs:.2f} — {verdict}; recomputed {ours_f:.2f} "
                          f"GFLOP, compile {theirs_f:.2f} — {verdict_f}")
-        lines.append(f"compile's no-recompute point keeps {format_bytes(abs(offset))} "
-                     f"{'less' if offset >= 0 else 'more'} than plain eager; at equal bytes shed from each "
-                     f"one's own no-recompute point:")
+        lines.append(f"{_prefix('activations', unit)}, at equal bytes shed from each one's own no-recompute "
+                     f"point:")
         for o in ours:
             shed, ours_f = plain[2] - o[2], (o[8] - plain[8]) / 1e9
             if o[2] - offset < compiled[0][2]:  # compile sheds less than this even at budget 0

@@ -8,7 +8,7 @@ the chain (``profile_step``):
 * ``recompute``: one checkpoint segment keeps only its input;
 * ``save_matmuls``: a selective segment also keeps its matmul outputs;
 * ``save_ops`` at a few thresholds θ: a selective segment keeps the output
-  of every op that costs at least θ seconds per byte to recompute (the
+  of every op that costs at least θ (seconds or FLOPs) per byte to recompute (the
   greedy order of a knapsack over single ops: matmuls first, then
   normalisations, cheap pointwise ops last);
 * ``reversible`` (whole chain): two streams kept, blocks reconstructed.
@@ -63,10 +63,13 @@ class Pricing:
     the measured eager overheads of checkpointing: the plan that should step
     fastest on the machine that profiled it, though ops of similar cost per
     byte can swap places between two profiles. ``"flops"`` prices an op at
-    its FLOPs and adds the seconds as well, so that among options of equal
-    FLOPs (pointwise ops count zero) the time model decides; a second weighs
-    as one FLOP, far below any matmul, so it never outweighs a FLOP
-    difference. Its plans do not depend on timing noise.
+    its FLOPs and adds the seconds, so that among options of equal FLOPs
+    (pointwise ops count zero) the time model decides. A second weighs as one
+    FLOP, far below any matmul, so it never outweighs a FLOP difference (in
+    float64, sums beyond about 1e13 FLOPs lose the milliseconds, and ties are
+    then broken arbitrarily). The ``save_ops`` menu is ranked by FLOPs per byte
+    alone, every zero-FLOP op in one class, so the options and the least
+    FLOPs under a budget do not depend on timing.
     """
 
     unit: str = "time"
@@ -78,11 +81,11 @@ class Pricing:
     def price(self, seconds: float, flops: float) -> float:
         return seconds if self.unit == "time" else flops + seconds
 
-    def op(self, o: OpCost) -> float:
-        return self.price(o.seconds, o.flops)
-
     def per_byte(self, o: OpCost) -> float:
-        return self.op(o) / o.out_bytes if o.out_bytes else 0.0
+        """The rank of an op in the ``save_ops`` menu: cost to recompute per byte kept."""
+        if not o.out_bytes:
+            return 0.0
+        return (o.seconds if self.unit == "time" else o.flops) / o.out_bytes
 
 
 @dataclass(frozen=True)

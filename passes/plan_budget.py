@@ -66,7 +66,9 @@ class BudgetPlan:
     predicted_recompute_s: float
     smallest_budget: int
     forward_s: float  # measured forward time of the whole model (no grad), for the extra-forward fraction
-    pareto: list[tuple[int, int, float]] = field(default_factory=list)  # (budget, predicted peak, recompute s)
+    # (budget, predicted peak, recompute s) of the plans least in ``recompute_cost`` (with "flops", the
+    # seconds need not fall as the budget grows)
+    pareto: list[tuple[int, int, float]] = field(default_factory=list)
     budget_for: str = "peak"  # what the budget and the predicted "peak" bound: "peak" or "activations"
     recompute_cost: str = "time"  # what the plan minimises: "time" (measured seconds) or "flops"
     predicted_recompute_flops: float = 0.0  # as torch.utils.flop_counter counts them
@@ -283,12 +285,13 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
     target = smallest if budget is None else budget
     # below the smallest budget the rounded solver accepts, fail even where solve_within might find a
     # path lost to rounding: the error names one boundary, and every budget above it is accepted
-    solution = least[1] if budget is None else solve_within(problem, budget) if budget >= smallest else None
+    solution = solve_within(problem, target) if target >= smallest else None
     if solution is None:
         hint = "" if allow_reversible else "; strategy='auto' may go lower with reversible chains"
         what = "peak" if budget_for == "peak" else "activation memory"
-        raise BudgetError(f"memory_budget {format_bytes(target)} cannot be met: the smallest predicted {what} "
-                          f"revify can reach on these inputs is {format_bytes(smallest)} ({smallest} bytes){hint}")
+        raise BudgetError(f"memory_budget {format_bytes(target)} cannot be met: the smallest {what} budget revify "
+                          f"accepts on these inputs is {format_bytes(smallest)} ({smallest} bytes; its plan's "
+                          f"predicted {what} is {format_bytes(least[1].peak)}){hint}")
     forward_s = _model_forward_s(model, example_inputs)
     chain_plans, rev_plans = _plans_from(solution, profiles, reversible_plans)
     front = [(b, s.peak, recompute_of(s.options)[0]) for b, s in pareto(problem)]

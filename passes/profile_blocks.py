@@ -33,11 +33,13 @@ nor a parameter. The boundary tensors are flags, because whether they are
 kept depends on the neighbouring blocks' schedule.
 
 FLOPs (``OpCost.flops``, ``forward_flops``) are counted as
-``torch.utils.flop_counter`` counts them (matmuls, convolutions, attention
-kernels it knows; pointwise ops count zero). The planner's
-``recompute_cost="flops"`` minimises them instead of the measured time: a
-plan that timing noise cannot flip, and the quantity ``torch.compile``'s
-activation-memory knapsack weighs by default.
+``torch.utils.flop_counter`` counts them: matmuls, convolutions and the
+attention kernels in its registry (not the CPU flash kernel
+``_scaled_dot_product_flash_attention_for_cpu``); pointwise ops count zero.
+The planner's ``recompute_cost="flops"`` minimises them instead of the
+measured time: the least FLOPs under a budget do not depend on timing, and
+they are what ``torch.compile``'s activation-memory knapsack weighs by
+default.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ class OpCost:
 
 @dataclass(frozen=True)
 class BlockCost:
-    """Measured costs of one block for one call signature (bytes and seconds)."""
+    """Measured costs of one block for one call signature (bytes, seconds and FLOPs)."""
 
     input_bytes: int  # the hidden input, which a segment starting here keeps
     saved_bytes: int  # interior storages saved for backward
@@ -94,7 +96,7 @@ class BlockCost:
     # eager overheads beyond the recomputed ops, measured (see ``_overheads``)
     checkpoint_overhead_s: float = 0.0
     selective_overhead_s: float = 0.0
-    forward_flops: int = 0  # FlopCounterMode over one forward
+    forward_flops: int = 0  # the ops' FLOPs summed (FlopCounterMode over a forward without an op profile)
     selective_recompute_flops: int = 0  # FLOPs of the ops the save_matmuls policy recomputes
 
     @property
@@ -346,11 +348,14 @@ def _measure(run: _BlockRun, repeats: int) -> BlockCost:
         _sync(run.device)
         times.append(time.perf_counter() - t0)
     forward_s = statistics.median(times[1:])
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        run(run.hidden())
-    forward_flops = counter.get_total_flops()
     ops, replayed = _profile_ops(run, forward_s, repeats)
+    if ops:  # the same count as the ops' own, so a block's parts add up to its whole
+        forward_flops = sum(o.flops for o in ops)
+    else:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            run(run.hidden())
+        forward_flops = counter.get_total_flops()
     selective_s = sum(o.seconds for o in ops if not _is_matmul(o.name)) if ops else forward_s
     selective_flops = sum(o.flops for o in ops if not _is_matmul(o.name)) if ops else forward_flops
     cost = BlockCost(

@@ -7,7 +7,7 @@ everything chosen so far) and needs ``state + need ≤ budget`` at its start
 (``need`` folds in its forward and backward peaks, which ``plan_budget``
 works out). A path must end with ``state + final_need ≤ budget``. Among the
 paths that fit, the solver returns one of least total ``cost`` (recompute
-seconds); among those, one of least predicted peak.
+seconds or FLOPs); among those, one of least predicted peak.
 
 This is the chain form of optimal checkpointing (Rotor, Beaumont et al.;
 Revolve for uniform chains) restricted to one level of recomputation, which
@@ -158,30 +158,29 @@ def solve(problem: Problem, budget: int, resolution: int = 4000) -> Solution | N
     return Solution(tuple(chosen), float(sum(o.cost for o in chosen)), peak, kept)
 
 
-def solve_within(problem: Problem, budget: int, resolution: int = 4000) -> Solution | None:
-    """Like ``solve``, but also finds paths that fit ``budget`` only within the rounding.
+def solve_within(problem: Problem, budget: int, resolution: int = 4000, tries: int = 12) -> Solution | None:
+    """Like ``solve``, but also looks for paths that fit ``budget`` only within the rounding.
 
     ``solve`` rounds every option's bytes up, so a path of m options can be
     refused although its exact peak fits, by up to m + 1 units: a budget set
     to exactly what a schedule keeps (per-block checkpointing over 64 blocks)
-    loses that schedule. Here the solver also runs at internal budgets up to
-    that much above ``budget`` (a binary search, about log2(length) more
-    solves) and keeps the cheapest answer whose exact peak fits. Never costlier
-    than ``solve``, never above ``budget``; unlike ``solve``, acceptance is
-    not guaranteed to grow with the budget, so ``min_budget`` does not use it.
+    loses that schedule. Here the solver also runs at up to ``tries`` internal
+    budgets between one unit and the most rounding any path can add above
+    ``budget``, and keeps the cheapest answer whose exact peak fits.
+
+    Best effort: never costlier than ``solve``, never above ``budget``, but a
+    path that fits can still lose, at every internal budget tried, to a cheaper
+    one that does not. And the cheapest plan is no longer guaranteed to cost
+    less as the budget grows, so ``min_budget`` keeps to ``solve``.
     """
     best = solve(problem, budget, resolution)
     unit = _unit(problem, resolution)
-    lo, hi = 1, problem.length + 1  # extra units tried above the budget
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        got = solve(problem, budget + mid * unit, resolution)
-        if got is not None and got.peak <= budget:
-            if best is None or (got.cost, got.peak) < (best.cost, best.peak):
-                best = got
-            lo = mid + 1
-        else:
-            hi = mid - 1
+    most = problem.length + 1  # units of rounding a path can add: one per option and the final need
+    extras = sorted({max(1, round(most * k / tries)) for k in range(1, tries + 1)}, reverse=True)
+    for extra in extras:
+        got = solve(problem, budget + extra * unit, resolution)
+        if got is not None and got.peak <= budget and (best is None or (got.cost, got.peak) < (best.cost, best.peak)):
+            best = got
     return best
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from revify.passes.calibrate_reversible import calibrate_reversible
 from revify.passes.capture import capture_regions
+from revify.passes.chain_costs import Pricing
 from revify.passes.find_chains import find_chains
 from revify.passes.plan_budget import BudgetError, plan_budget
 from revify.passes.plan_checkpoint import SCHEDULES, plan_checkpoint
@@ -214,7 +215,11 @@ def revify(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", 
     If nothing can be converted, the result behaves exactly like ``model``
     and ``result.revify_plan`` says why; with ``strict=True`` that raises.
     """
+    Pricing(recompute_cost)  # an unknown unit fails before any profiling
     schedule = _resolve_schedule(strategy, schedule, memory_budget)
+    if recompute_cost != "time" and schedule != "budget":
+        raise ValueError(f"recompute_cost={recompute_cost!r} prices the budget planner's choices; "
+                         f"schedule={schedule!r} plans without it")
     options = _options(strategy, coupling=coupling, lam=lam, beta=beta, adapter_rank=adapter_rank,
                        adapter_init=adapter_init, freeze_backbone=freeze_backbone, tolerance=tolerance,
                        stream_dtype=stream_dtype, check_reconstruction=check_reconstruction)

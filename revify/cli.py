@@ -174,6 +174,8 @@ def _conversion_options(args) -> dict:
         except ValueError as exc:
             raise UsageError(f"--budget: {exc}") from None
     if getattr(args, "recompute_cost", None) is not None:
+        if "recompute_cost" not in accepted:
+            raise UsageError("--recompute-cost needs a revify version whose planner has it")
         kw["recompute_cost"] = args.recompute_cost
     return kw
 

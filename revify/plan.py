@@ -56,8 +56,7 @@ class Plan:
             b = self.budget
             extra = f", {b.predicted_recompute_s / b.forward_s:.0%} of a forward" if b.forward_s else ""
             kind = "peak" if b.budget_for == "peak" else "activations kept for backward"
-            unit = getattr(b, "recompute_cost", "time")
-            flops = getattr(b, "predicted_recompute_flops", 0.0)
+            unit, flops = b.recompute_cost, b.predicted_recompute_flops
             lines.append(f"  budget {format_bytes(b.budget)}: predicted {kind} {format_bytes(b.predicted_peak)}, "
                          f"recompute {b.predicted_recompute_s * 1e3:.1f} ms{extra}, {format_flops(flops)} "
                          f"(least {'time' if unit == 'time' else 'FLOPs'}; "

@@ -3,20 +3,23 @@ from __future__ import annotations
 
 import copy
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import revify
 from revify.api import analyse_model
 from revify.measure import measure_memory
 from revify.passes.chain_costs import POLICY_OPTIONS
-from revify.passes.plan_budget import build_problem, checkpoint_plans, schedule_path
+from revify.passes.plan_budget import build_problem, checkpoint_plans, recompute_of, schedule_path
 from revify.passes.plan_checkpoint import ChainPlan, Segment, plan_checkpoint
 from revify.passes.profile_blocks import profile_chains
 from revify.passes.profile_step import profile_step
+from revify.passes.record_calls import call_model
 from revify.passes.rewrite_checkpoint import rewrite_checkpoint
-from revify.passes.solve_schedule import min_budget, path_peak, rounding_slack, solve
+from revify.passes.solve_schedule import min_budget, path_peak, rounding_slack, solve, solve_within
 from zoo import ALL_CASES, MLPResNet, PreLNTransformer, ZooCase, _logits_loss, train_step
 
 
@@ -60,14 +63,14 @@ def test_planner_beats_or_ties_fixed_schedules_at_equal_memory(name):
         path = schedule_path(problem, fixed)
         fixed_peak, _ = path_peak(problem, path)
         fixed_cost = sum(o.cost for o in path)
-        # the DP: no more recompute within the fixed schedule's predicted memory (plus the
-        # solver's rounding of bytes to units, a few hundred bytes here)
-        ours = solve(problem, fixed_peak + rounding_slack(problem, path))
-        assert ours is not None and ours.cost <= fixed_cost + 1e-12, (schedule, ours, fixed_cost)
-        # and in reality: the planner's schedule measures no higher than the fixed one
+        # the DP: no more recompute within the fixed schedule's predicted memory, exactly
+        # (solve_within), and with the solver's rounding of bytes to units as slack (solve)
         measured_fixed = _measured_peak(case, fixed)
-        measured_ours = _measured_peak(case, checkpoint_plans(ours, profiles))
-        assert measured_ours <= measured_fixed * 1.02, (schedule, measured_ours, measured_fixed)
+        for ours in (solve_within(problem, fixed_peak), solve(problem, fixed_peak + rounding_slack(problem, path))):
+            assert ours is not None and ours.cost <= fixed_cost + 1e-12, (schedule, ours, fixed_cost)
+            # and in reality: the planner's schedule measures no higher than the fixed one
+            measured_ours = _measured_peak(case, checkpoint_plans(ours, profiles))
+            assert measured_ours <= measured_fixed * 1.02, (schedule, measured_ours, measured_fixed)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -109,7 +112,8 @@ def test_budget_is_met_and_exact_gradients_kept():
 def test_infeasible_budget_names_the_smallest_feasible_one():
     case = _deep_transformer()
     least = revify.revify(case.model, case.example_inputs).revify_plan.budget.smallest_budget
-    with pytest.raises(revify.BudgetError, match=rf"smallest predicted peak .* \({least} bytes\)"):
+    message = rf"smallest peak budget revify accepts .* \({least} bytes; its plan's predicted peak is "
+    with pytest.raises(revify.BudgetError, match=message):
         revify.revify(case.model, case.example_inputs, memory_budget=least - 1)
     rmodel = revify.revify(case.model, case.example_inputs, memory_budget=least)
     assert rmodel.revify_plan.budget.predicted_peak <= least
@@ -230,8 +234,6 @@ def test_save_ops_thresholds_split_the_savable_bytes():
 
 def _backward_flops(model, inputs) -> int:
     """FLOPs of one backward, recomputation included (the forward runs outside the counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     loss = _logits_loss(model(*inputs))
     counter = FlopCounterMode(display=False)
     with counter:
@@ -240,14 +242,8 @@ def _backward_flops(model, inputs) -> int:
     return counter.get_total_flops()
 
 
-def test_least_flops_plans_recompute_exactly_the_predicted_flops():
-    """``recompute_cost="flops"``: the FLOPs a plan predicts are the ones its backward adds, counted
-    by FlopCounterMode (exact integers, not a tolerance); gradients stay exact; and at every budget it
-    recomputes no more FLOPs than the time-priced plan for the same budget (both plans fit it, and
-    the FLOP-priced solve is exact, with seconds only breaking ties)."""
-    from revify.passes.plan_budget import recompute_of
-
-    torch.manual_seed(0)
+def _mlp_profile(seed: int = 0):
+    torch.manual_seed(seed)
     model = MLPResNet(dim=128, n_blocks=8).train()
     inputs = (torch.randn(64, 128),)
     _, _, analysis = analyse_model(model, inputs, "checkpoint")
@@ -255,21 +251,29 @@ def test_least_flops_plans_recompute_exactly_the_predicted_flops():
     profiles = profile_chains(model, chains, repeats=1)
     reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
     step = profile_step(reference, chains, inputs, _logits_loss)
-    # one profile for both, so that both problems see the same bytes
-    by_time, by_flops = (build_problem(profiles, step, budget_for="activations", recompute_cost=unit)
-                         for unit in ("time", "flops"))
+    return model, inputs, chains, profiles, step
+
+
+def test_least_flops_plans_recompute_exactly_the_predicted_flops():
+    """``recompute_cost="flops"``: the FLOPs a plan predicts are the ones its backward adds, counted
+    by FlopCounterMode (exact integers, not a tolerance), gradients stay exact, and it keeps matmul
+    outputs rather than recompute them. On one menu of options priced both ways, the FLOP-priced
+    plan never recomputes more FLOPs than the time-priced one (seconds, which only break ties, sum
+    to less than one FLOP)."""
+    model, inputs, chains, profiles, step = _mlp_profile()
+    by_flops = build_problem(profiles, step, budget_for="activations", recompute_cost="flops")
+    by_time = replace(by_flops, options=tuple(replace(o, cost=o.parts[0]) for o in by_flops.options))
     block = profiles[0].blocks[0]
     assert block.forward_flops == 2 * 2 * 64 * 128 * 256  # two matmuls, 64 rows, 128 -> 256 -> 128
-    assert sum(o.flops for o in block.ops) == block.forward_flops
     base = _backward_flops(model, inputs)
-    least = min_budget(by_time)[1].peak
-    everything = solve(by_time, 1 << 40).peak
+    least = min_budget(by_flops)[1].peak
+    everything = solve(by_flops, 1 << 40).peak
     policies = set()
     for frac in (0.0, 0.3, 0.6):
         budget = int(least + frac * (everything - least)) + 4096
         sol_f, sol_t = solve(by_flops, budget), solve(by_time, budget)
-        flops, flops_t = recompute_of(sol_f.options)[1], recompute_of(sol_t.options)[1]
-        assert flops <= flops_t + 1, (frac, flops, flops_t)
+        flops = recompute_of(sol_f.options)[1]
+        assert flops <= recompute_of(sol_t.options)[1], frac
         plans = checkpoint_plans(sol_f, profiles)
         policies |= {s.policy for p in plans for s in p.segments}
         rmodel, _ = rewrite_checkpoint(model, plans)
@@ -277,7 +281,27 @@ def test_least_flops_plans_recompute_exactly_the_predicted_flops():
         out_a, _, grads_a = train_step(model, ZooCase("m", model, inputs, _logits_loss, 8))
         out_b, _, grads_b = train_step(rmodel, ZooCase("m", rmodel, inputs, _logits_loss, 8))
         assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
-    assert "save_ops" in policies, policies  # it keeps matmul outputs rather than recompute them
+    assert "save_ops" in policies, policies
+    # at a budget of exactly what per-block checkpointing keeps, rounding no longer refuses it
+    path = schedule_path(by_flops, [plan_checkpoint(c, "per-block") for c in chains])
+    kept, _ = path_peak(by_flops, path)
+    assert recompute_of(solve_within(by_flops, kept).options)[1] <= recompute_of(path)[1]
+
+
+def test_least_flops_do_not_depend_on_timing():
+    """Two profiles of the same model (per-op times differ between them on a shared CPU): the same
+    menu of options and the same least FLOPs at every budget."""
+    first = _mlp_profile()
+    second = _mlp_profile()
+    problems = [build_problem(p, s, budget_for="activations", recompute_cost="flops")
+                for _, _, _, p, s in (first, second)]
+    assert [o.label for o in problems[0].options] == [o.label for o in problems[1].options]
+    least = min_budget(problems[0])[1].peak
+    everything = solve(problems[0], 1 << 40).peak
+    for frac in (0.0, 0.2, 0.4, 0.6, 0.8):
+        budget = int(least + frac * (everything - least)) + 4096
+        a, b = (recompute_of(solve(p, budget).options)[1] for p in problems)
+        assert a == b, frac
 
 
 def test_recompute_cost_through_the_public_call():
@@ -292,22 +316,19 @@ def test_recompute_cost_through_the_public_call():
     assert plan.budget.predicted_recompute_flops > 0 and "FLOP (least FLOPs" in str(plan)
     with pytest.raises(ValueError, match="unknown recompute_cost 'speed'; choose one of time, flops"):
         revify.revify(model, inputs, memory_budget="40KiB", recompute_cost="speed")
+    with pytest.raises(ValueError, match="schedule='per-block' plans without it"):
+        revify.revify(model, inputs, schedule="per-block", recompute_cost="flops")
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_least_flops_prediction_is_exact_on_transformers(name):
     """The same FLOP identity on Hugging Face models (attention matmuls, dropout, rotary tables)."""
-    from revify.passes.plan_budget import recompute_of
-
     case = CASES[name]()
     model, inputs = case.model, case.example_inputs
     _, profiles, problem = _planner_problem(model, inputs, case.loss_fn, budget_for="activations",
                                             recompute_cost="flops")
 
     def backward_flops(m) -> int:
-        from torch.utils.flop_counter import FlopCounterMode
-        from revify.passes.record_calls import call_model
-
         torch.manual_seed(1)
         loss = case.loss_fn(call_model(m, inputs))
         counter = FlopCounterMode(display=False)

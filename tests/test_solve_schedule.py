@@ -84,16 +84,21 @@ def test_rounding_never_accepts_what_does_not_fit(problem, resolution):
 
 @settings(max_examples=150, deadline=None)
 @given(problems(), st.integers(1, 50), st.integers(0, 250))
-def test_solve_within_finds_paths_lost_to_rounding(problem, resolution, budget):
-    # coarse units: never above the budget, never costlier than solve; exact units: the optimum
-    got, strict = solve_within(problem, budget, resolution), solve(problem, budget, resolution)
-    if got is not None:
-        assert got.peak <= budget
-    if strict is not None:
-        assert got is not None and got.cost <= strict.cost
-    exact = solve_within(problem, budget, resolution=10**6)
-    best = _brute(problem, budget)
-    assert (exact is None) == (best is None) and (exact is None or exact.cost == best)
+def test_solve_within_never_exceeds_the_budget(problem, resolution, budget):
+    got = solve_within(problem, budget, resolution)
+    assert got is None or path_peak(problem, got.options)[0] <= budget
+    assert solve(problem, budget, resolution) is None or got is not None
+
+
+def test_solve_within_tries_more_than_a_binary_search_would():
+    # units of 10 bytes: four 11-byte options (exact peak 44, cost 0) need four extra units to be
+    # seen; with one to three, the cheapest rounded answer is the 46-byte option, which does not fit
+    options = (Option(0, 1, 11, 0, 0.0), Option(1, 2, 11, 0, 0.0), Option(2, 3, 11, 0, 0.0), Option(3, 4, 11, 0, 0.0),
+               Option(0, 4, 46, 0, 5.0), Option(0, 4, 40, 0, 10.0))
+    problem = Problem(4, options)
+    assert solve(problem, 44, resolution=5).cost == 10.0
+    got = solve_within(problem, 44, resolution=5)
+    assert got.cost == 0.0 and got.peak == 44
 
 
 def test_solve_within_takes_a_schedule_at_exactly_its_bytes():

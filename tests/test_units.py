@@ -1,6 +1,6 @@
 import pytest
 
-from revify.units import format_bytes, parse_bytes
+from revify.units import format_bytes, format_flops, parse_bytes
 
 
 @pytest.mark.parametrize("text,expected", [("6GiB", 6 * 2**30), ("512 MB", 512 * 10**6), ("1.5kib", 1536),
@@ -21,8 +21,6 @@ def test_format_bytes_round_trip():
 
 
 def test_format_flops():
-    from revify.units import format_flops
-
     assert format_flops(0) == "0 FLOP"
     assert format_flops(8_388_608) == "8.39 MFLOP"
     assert format_flops(89.39e9) == "89.39 GFLOP"
