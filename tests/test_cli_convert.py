@@ -61,7 +61,7 @@ def _step(model, inputs, seed=3):
 
 
 CASES = [("bert", "checkpoint", []), ("gpt2", "checkpoint", ["--schedule", "sqrt(n)"]),
-         ("llama", "checkpoint", ["--schedule", "per-block"]),
+         ("llama", "checkpoint", ["--schedule", "per-block"]), ("gpt2", "checkpoint", ["--recompute-cost", "flops"]),
          ("bert", "reversible", []), ("gpt2", "reversible", ["--coupling", "meft2"]), ("llama", "reversible", [])]
 
 
@@ -90,8 +90,10 @@ def test_convert_then_load(hf_folders, tmp_path, name, strategy, extra):
     plan = loaded.revify_plan
     if strategy == "checkpoint":
         recorded = manifest["plan"]["chains"][0]
+        # save_ops segments also record the op outputs they keep, per block
         assert [list(s) for s in recorded["segments"]] == \
-            [[s.start, s.end, s.policy] for s in plan.chains[0].segments]
+            [[s.start, s.end, s.policy] + ([[[list(op) for op in ops] for ops in s.saved_ops]] if s.saved_ops else [])
+             for s in plan.chains[0].segments]
         # the same function and gradients as the original checkpoint, dropout on
         original = read_source(src, seq_len=16).model
         out_o, grads_o = _step(original, inputs)
