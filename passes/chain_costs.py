@@ -46,6 +46,7 @@ After::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 from .profile_blocks import BlockCost, OpCost
 from .solve_schedule import Option
@@ -202,11 +203,9 @@ class _Selective:
                                    flops - sum(o.flops for o in kept))
 
 
-def _prefix(values: list[float]) -> list[float]:
-    out = [0.0]
-    for v in values:
-        out.append(out[-1] + v)
-    return out
+def _sums(values: list[float]) -> list[float]:
+    """Prefix sums, starting at 0: ``out[j] - out[i]`` is the sum over ``[i, j)``."""
+    return list(accumulate(values, initial=0.0))
 
 
 def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int, chain_index: int,
@@ -219,12 +218,12 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
     thresholds = save_ops_thresholds(blocks, pricing=pricing) if "save_ops" in policies else ()
     selective = _Selective(blocks, thresholds, pricing)
     # prefix sums of whole-block recompute over the inner blocks of a segment, in seconds and FLOPs
-    full = _prefix([b.forward_s for b in blocks])
-    full_f = _prefix([b.forward_flops for b in blocks])
-    matmul_free = _prefix([b.selective_recompute_s for b in blocks])
-    matmul_free_f = _prefix([b.selective_recompute_flops for b in blocks])
-    ckpt_over = _prefix([b.checkpoint_overhead_s for b in blocks])
-    sac_over = _prefix([b.selective_overhead_s for b in blocks])
+    full = _sums([b.forward_s for b in blocks])
+    full_f = _sums([b.forward_flops for b in blocks])
+    matmul_free = _sums([b.selective_recompute_s for b in blocks])
+    matmul_free_f = _sums([b.selective_recompute_flops for b in blocks])
+    ckpt_over = _sums([b.checkpoint_overhead_s for b in blocks])
+    sac_over = _sums([b.selective_overhead_s for b in blocks])
 
     def priced(start: int, end: int, keep: int, need: int, seconds: float, flops: float, label: tuple) -> Option:
         return Option(start, end, keep, need, pricing.price(seconds, flops), label, (seconds, flops))

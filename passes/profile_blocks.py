@@ -106,32 +106,32 @@ class BlockCost:
             return None
         return self.ops[:self.replayed_ops]
 
+    def _replayed_sum(self, measure: str, whole: float, skip_matmuls: bool) -> float:
+        """``measure`` ("seconds" or "flops") summed over the replayed ops; ``whole`` without an op profile."""
+        replayed = self.replayed
+        if replayed is None:
+            return whole
+        return sum(getattr(o, measure) for o in replayed if not (skip_matmuls and _is_matmul(o.name)))
+
     @property
     def replay_s(self) -> float:
         """Forward seconds a recompute that ends in this block spends in it."""
-        replayed = self.replayed
-        return self.forward_s if replayed is None else sum(o.seconds for o in replayed)
+        return self._replayed_sum("seconds", self.forward_s, skip_matmuls=False)
 
     @property
     def selective_replay_s(self) -> float:
         """The same for a ``save_matmuls`` segment: the replayed ops that are not matmuls."""
-        replayed = self.replayed
-        if replayed is None:
-            return self.selective_recompute_s
-        return sum(o.seconds for o in replayed if not _is_matmul(o.name))
+        return self._replayed_sum("seconds", self.selective_recompute_s, skip_matmuls=True)
 
     @property
     def replay_flops(self) -> int:
         """FLOPs a recompute that ends in this block spends in it."""
-        replayed = self.replayed
-        return self.forward_flops if replayed is None else sum(o.flops for o in replayed)
+        return self._replayed_sum("flops", self.forward_flops, skip_matmuls=False)
 
     @property
     def selective_replay_flops(self) -> int:
-        replayed = self.replayed
-        if replayed is None:
-            return self.selective_recompute_flops
-        return sum(o.flops for o in replayed if not _is_matmul(o.name))
+        """FLOPs of a ``save_matmuls`` segment's last block: the replayed ops that are not matmuls."""
+        return self._replayed_sum("flops", self.selective_recompute_flops, skip_matmuls=True)
 
     @property
     def kept_bytes(self) -> int:

@@ -33,13 +33,18 @@ def _deep_transformer() -> ZooCase:
 CASES = {"deep_transformer": _deep_transformer, **{k: ALL_CASES[k] for k in ("cnn_resnet", "bert", "llama")}}
 
 
-def _planner_problem(model, inputs, loss_fn, **build):
-    """The planner's passes up to the solver: (chains, block profiles, problem)."""
+def _planner_profile(model, inputs, loss_fn):
+    """The planner's measuring passes: (chains, block profiles, step profile)."""
     _, _, analysis = analyse_model(model, inputs, "checkpoint")
     chains = list(analysis.chains)
     profiles = profile_chains(model, chains, repeats=1)
     reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
-    step = profile_step(reference, chains, inputs, loss_fn)
+    return chains, profiles, profile_step(reference, chains, inputs, loss_fn)
+
+
+def _planner_problem(model, inputs, loss_fn, **build):
+    """The planner's passes up to the solver: (chains, block profiles, problem)."""
+    chains, profiles, step = _planner_profile(model, inputs, loss_fn)
     return chains, profiles, build_problem(profiles, step, **build)
 
 
@@ -232,9 +237,10 @@ def test_save_ops_thresholds_split_the_savable_bytes():
     assert not any(o.index % 5 == 4 for o in saved_ops_of(block, 0.0, last=False))
 
 
-def _backward_flops(model, inputs) -> int:
-    """FLOPs of one backward, recomputation included (the forward runs outside the counter)."""
-    loss = _logits_loss(model(*inputs))
+def _backward_flops(model, inputs, loss_fn=_logits_loss) -> int:
+    """FLOPs of one backward, recomputation included (the forward runs outside the counter, seeded)."""
+    torch.manual_seed(1)
+    loss = loss_fn(call_model(model, inputs))
     counter = FlopCounterMode(display=False)
     with counter:
         loss.backward()
@@ -246,12 +252,7 @@ def _mlp_profile(seed: int = 0):
     torch.manual_seed(seed)
     model = MLPResNet(dim=128, n_blocks=8).train()
     inputs = (torch.randn(64, 128),)
-    _, _, analysis = analyse_model(model, inputs, "checkpoint")
-    chains = list(analysis.chains)
-    profiles = profile_chains(model, chains, repeats=1)
-    reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
-    step = profile_step(reference, chains, inputs, _logits_loss)
-    return model, inputs, chains, profiles, step
+    return (model, inputs, *_planner_profile(model, inputs, _logits_loss))
 
 
 def test_least_flops_plans_recompute_exactly_the_predicted_flops():
@@ -327,17 +328,7 @@ def test_least_flops_prediction_is_exact_on_transformers(name):
     model, inputs = case.model, case.example_inputs
     _, profiles, problem = _planner_problem(model, inputs, case.loss_fn, budget_for="activations",
                                             recompute_cost="flops")
-
-    def backward_flops(m) -> int:
-        torch.manual_seed(1)
-        loss = case.loss_fn(call_model(m, inputs))
-        counter = FlopCounterMode(display=False)
-        with counter:
-            loss.backward()
-        m.zero_grad(set_to_none=True)
-        return counter.get_total_flops()
-
-    base = backward_flops(model)
+    base = _backward_flops(model, inputs, case.loss_fn)
     least = min_budget(problem)[1].peak
     everything = solve(problem, 1 << 40).peak
     predicted = []
@@ -345,5 +336,5 @@ def test_least_flops_prediction_is_exact_on_transformers(name):
         sol = solve(problem, int(least + frac * (everything - least)) + 4096)
         rmodel, _ = rewrite_checkpoint(model, checkpoint_plans(sol, profiles))
         predicted.append(recompute_of(sol.options)[1])
-        assert backward_flops(rmodel) - base == predicted[-1], frac
+        assert _backward_flops(rmodel, inputs, case.loss_fn) - base == predicted[-1], frac
     assert predicted[0] > predicted[1]
