@@ -7,10 +7,10 @@ the chain (``profile_step``):
 * ``keep``: the blocks run under plain autograd and keep what they save;
 * ``recompute``: one checkpoint segment keeps only its input;
 * ``save_matmuls``: a selective segment also keeps its matmul outputs;
-* ``save_ops`` at a few thresholds θ: a selective segment keeps the output
-  of every op that costs at least θ (seconds or FLOPs) per byte to recompute (the
-  greedy order of a knapsack over single ops: matmuls first, then
-  normalisations, cheap pointwise ops last);
+* ``save_ops`` at a few menu levels: a selective segment keeps, in each
+  block, the steps of the block's menu (``save_ops_menu``) up to that level
+  (a recompute saved per byte, in seconds or FLOPs), and its recompute
+  elides the ops nothing then needs;
 * ``reversible`` (whole chain): two streams kept, blocks reconstructed.
 
 Recompute time counts early stopping: the last block of a segment is
@@ -49,11 +49,13 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from .profile_blocks import BlockCost, OpCost
+from .save_ops_menu import MenuStep, Replay, kept_at, replay, save_ops_menu
 from .solve_schedule import Option
 
 POLICY_OPTIONS = ("keep", "recompute", "save_matmuls", "save_ops")
-SAVE_OPS_LEVELS = 8  # thresholds tried per chain: more options, a slower solve
+SAVE_OPS_LEVELS = 12  # menu levels tried per chain: more options, a slower solve
 RECOMPUTE_COSTS = ("time", "flops")
+Level = tuple[float, float]  # a cut of every block's save_ops menu (``MenuStep.level``)
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,9 @@ class Pricing:
     (pointwise ops count zero) the time model decides. A second weighs as one
     FLOP, far below any matmul, so it never outweighs a FLOP difference (in
     float64, sums beyond about 1e13 FLOPs lose the milliseconds, and ties are
-    then broken arbitrarily). The ``save_ops`` menu is ranked by FLOPs per byte
-    alone, every zero-FLOP op in one class, so the options and the least
-    FLOPs under a budget do not depend on timing.
+    then broken arbitrarily). The ``save_ops`` menu is ranked by FLOPs saved
+    per byte alone, every op that saves no FLOPs in one last step, so the
+    options and the least FLOPs under a budget do not depend on timing.
     """
 
     unit: str = "time"
@@ -81,12 +83,6 @@ class Pricing:
 
     def price(self, seconds: float, flops: float) -> float:
         return seconds if self.unit == "time" else flops + seconds
-
-    def per_byte(self, o: OpCost) -> float:
-        """The rank of an op in the ``save_ops`` menu: cost to recompute per byte kept."""
-        if not o.out_bytes:
-            return 0.0
-        return (o.seconds if self.unit == "time" else o.flops) / o.out_bytes
 
 
 @dataclass(frozen=True)
@@ -146,61 +142,80 @@ class _Runs:
                    + self.blocks[k].forward_transient for k in range(i, j))
 
 
-def save_ops_thresholds(blocks: tuple[BlockCost, ...], levels: int = SAVE_OPS_LEVELS,
-                        pricing: Pricing = Pricing()) -> tuple[float, ...]:
-    """Cost-per-byte thresholds for ``save_ops``: the savable ops' own ratios, at most ``levels``.
+class SaveOpsMenus:
+    """Each distinct block's ``save_ops`` menu (``save_ops_menu``), inside a segment and as its last block."""
 
-    With more distinct ratios than levels, the thresholds split the savable bytes
-    (taken in decreasing ratio) into near-equal parts; the highest ratio always
-    stays, so the cheapest selective option (keep only the costliest op) exists.
-    """
-    ratios: dict[float, int] = {}
-    for b in {id(b): b for b in blocks}.values():  # identical blocks share one profile
-        for o in b.ops:
-            if o.savable:
-                r = pricing.per_byte(o)
-                ratios[r] = ratios.get(r, 0) + o.out_bytes
-    ordered = sorted(ratios.items(), reverse=True)
-    if len(ordered) <= levels:
-        return tuple(r for r, _ in ordered)
-    total = sum(n for _, n in ordered)
-    picked, cumulative, part = [ordered[0][0]], 0, 1
-    for r, n in ordered:
-        cumulative += n
-        if cumulative * (levels - 1) >= part * total:
-            if r != picked[-1]:
-                picked.append(r)
-            while cumulative * (levels - 1) >= part * total:
-                part += 1
-    return tuple(picked)
+    def __init__(self, blocks: tuple[BlockCost, ...], pricing: Pricing = Pricing()):
+        self.blocks = blocks  # keeps the blocks alive: menus are keyed by their ids
+        self.menus: dict[tuple[int, bool], tuple[MenuStep, ...]] = {}
+        for b in blocks:  # identical blocks share one profile, so one menu
+            for last in (False, True):
+                if (id(b), last) not in self.menus:
+                    self.menus[id(b), last] = save_ops_menu(b, last, pricing.unit)
+
+    def levels(self, at_most: int = SAVE_OPS_LEVELS) -> tuple[Level, ...]:
+        """Levels to cut every menu at: the menus' own steps' levels, at most ``at_most``.
+
+        With more distinct levels than that, they split the recompute the
+        menus save (best ratio first) into near-equal parts, so levels are
+        dense where keeping pays; the best level (the cheapest selective
+        option) and the last (keep every savable op) always stay.
+        """
+        gains: dict[Level, float] = {}
+        for menu in self.menus.values():
+            for step in menu:
+                gains[step.level] = gains.get(step.level, 0.0) + step.ratio * sum(o.out_bytes for o in step.ops)
+        ordered = sorted(gains.items(), key=lambda item: (-item[0][0], item[0][1]))
+        if len(ordered) <= at_most:
+            return tuple(level for level, _ in ordered)
+        total = sum(g for _, g in ordered) or 1.0
+        picked, cumulative, part = [ordered[0][0]], 0.0, 1
+        for level, g in ordered[:-1]:
+            cumulative += g
+            if cumulative * (at_most - 2) >= part * total:
+                if level != picked[-1]:
+                    picked.append(level)
+                while cumulative * (at_most - 2) >= part * total:
+                    part += 1
+        if ordered[-1][0] != picked[-1]:
+            picked.append(ordered[-1][0])
+        return tuple(picked)
+
+    def kept(self, block: BlockCost, threshold: Level, last: bool) -> tuple[OpCost, ...]:
+        """The ops whose outputs a ``save_ops`` segment keeps in ``block`` at ``threshold``."""
+        return kept_at(self.menus[id(block), last], threshold)
+
+    def replay(self, block: BlockCost, threshold: Level, last: bool) -> Replay:
+        return replay(block, frozenset(o.index for o in self.kept(block, threshold, last)), last)
 
 
-def saved_ops_of(block: BlockCost, threshold: float, last: bool, pricing: Pricing = Pricing()) -> tuple[OpCost, ...]:
-    """The ops whose outputs a ``save_ops`` segment keeps in ``block`` at ``threshold``."""
-    pool = block.replayed if last and block.replayed is not None else block.ops
-    return tuple(o for o in pool if o.savable and pricing.per_byte(o) >= threshold)
+OpList = tuple[tuple[tuple[int, str], ...], ...]
 
 
-def saved_ops_plan(blocks: tuple[BlockCost, ...], i: int, j: int, threshold: float,
-                   pricing: Pricing = Pricing()) -> tuple[tuple[tuple[int, str], ...], ...]:
-    """``Segment.saved_ops`` of a ``save_ops`` option over blocks ``[i, j)``."""
-    return tuple(tuple((o.index, o.name) for o in saved_ops_of(blocks[k], threshold, k == j - 1, pricing))
-                 for k in range(i, j))
+def save_ops_plan(blocks: tuple[BlockCost, ...], i: int, j: int, threshold: Level,
+                  pricing: Pricing = Pricing()) -> tuple[OpList, OpList]:
+    """``Segment.saved_ops`` and ``Segment.elided_ops`` (None: nothing elided) of a ``save_ops`` option."""
+    menus = SaveOpsMenus(blocks[i:j], pricing)
+    saved, elided = [], []
+    for k in range(i, j):
+        last = k == j - 1
+        saved.append(tuple((o.index, o.name) for o in menus.kept(blocks[k], threshold, last)))
+        elided.append(tuple((o.index, o.name) for o in menus.replay(blocks[k], threshold, last).elided))
+    return tuple(saved), (tuple(elided) if any(elided) else None)
 
 
 class _Selective:
     """Per block and threshold: bytes kept, and (seconds, FLOPs) recomputed, inside a segment or as its last block."""
 
-    def __init__(self, blocks: tuple[BlockCost, ...], thresholds: tuple[float, ...], pricing: Pricing):
-        self.inner: dict[tuple[int, float], tuple[int, float, float]] = {}
-        self.last: dict[tuple[int, float], tuple[int, float, float]] = {}
+    def __init__(self, blocks: tuple[BlockCost, ...], thresholds: tuple[Level, ...], menus: SaveOpsMenus):
+        self.inner: dict[tuple[int, Level], tuple[int, float, float]] = {}
+        self.last: dict[tuple[int, Level], tuple[int, float, float]] = {}
         for k, b in enumerate(blocks):
             for t in thresholds:
-                for last, table, secs, flops in ((False, self.inner, b.forward_s, b.forward_flops),
-                                                 (True, self.last, b.replay_s, b.replay_flops)):
-                    kept = saved_ops_of(b, t, last, pricing)
-                    table[k, t] = (sum(o.out_bytes for o in kept), secs - sum(o.seconds for o in kept),
-                                   flops - sum(o.flops for o in kept))
+                for last, table in ((False, self.inner), (True, self.last)):
+                    kept = menus.kept(b, t, last)
+                    runs = menus.replay(b, t, last)
+                    table[k, t] = (sum(o.out_bytes for o in kept), runs.seconds, runs.flops)
 
 
 def _sums(values: list[float]) -> list[float]:
@@ -215,8 +230,9 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
     runs = _Runs(blocks)
     n = len(blocks)
     options = []
-    thresholds = save_ops_thresholds(blocks, pricing=pricing) if "save_ops" in policies else ()
-    selective = _Selective(blocks, thresholds, pricing)
+    menus = SaveOpsMenus(blocks, pricing) if "save_ops" in policies else None
+    thresholds = menus.levels() if menus is not None else ()
+    selective = _Selective(blocks, thresholds, menus) if menus is not None else None
     # prefix sums of whole-block recompute over the inner blocks of a segment, in seconds and FLOPs
     full = _sums([b.forward_s for b in blocks])
     full_f = _sums([b.forward_flops for b in blocks])

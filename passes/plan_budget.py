@@ -42,7 +42,7 @@ from torch import nn
 
 from revify.units import format_bytes
 
-from .chain_costs import POLICY_OPTIONS, ChainBases, Pricing, ReversibleCost, chain_options, saved_ops_plan
+from .chain_costs import POLICY_OPTIONS, ChainBases, Pricing, ReversibleCost, chain_options, save_ops_plan
 from .find_chains import Chain
 from .plan_checkpoint import ChainPlan, Segment, plan_checkpoint
 from .plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
@@ -66,8 +66,8 @@ class BudgetPlan:
     predicted_recompute_s: float
     smallest_budget: int
     forward_s: float  # measured forward time of the whole model (no grad), for the extra-forward fraction
-    # (budget, predicted peak, recompute s) of the plans least in ``recompute_cost`` (with "flops", the
-    # seconds need not fall as the budget grows)
+    # (budget, predicted peak, recompute) of the plans least in ``recompute_cost``, recompute in that
+    # unit: seconds for "time", FLOPs for "flops"
     pareto: list[tuple[int, int, float]] = field(default_factory=list)
     budget_for: str = "peak"  # what the budget and the predicted "peak" bound: "peak" or "activations"
     recompute_cost: str = "time"  # what the plan minimises: "time" (measured seconds) or "flops"
@@ -224,10 +224,10 @@ def segments_of(options: tuple[Option, ...] | list[Option], prof: ChainProfile, 
         if o.label[1] != chain_index or policy in ("keep", "reversible"):
             continue
         start, end = o.label[2], o.label[3]
-        # label: ("save_ops", chain, start, end, threshold, unit of the threshold's cost per byte)
-        saved = (saved_ops_plan(prof.blocks, start, end, o.label[4], Pricing(o.label[5]))
-                 if policy == "save_ops" else None)
-        segments.append(Segment(start, end, policy, saved))
+        # label: ("save_ops", chain, start, end, menu level, unit the menus were ranked in)
+        saved, elided = (save_ops_plan(prof.blocks, start, end, o.label[4], Pricing(o.label[5]))
+                         if policy == "save_ops" else (None, None))
+        segments.append(Segment(start, end, policy, saved, elided))
     return tuple(segments)
 
 
@@ -294,7 +294,8 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
                           f"predicted {what} is {format_bytes(least[1].peak)}){hint}")
     forward_s = _model_forward_s(model, example_inputs)
     chain_plans, rev_plans = _plans_from(solution, profiles, reversible_plans)
-    front = [(b, s.peak, recompute_of(s.options)[0]) for b, s in pareto(problem)]
+    unit = 0 if recompute_cost == "time" else 1
+    front = [(b, s.peak, recompute_of(s.options)[unit]) for b, s in pareto(problem)]
     seconds, flops = recompute_of(solution.options)
     return BudgetPlan(chain_plans, rev_plans, target, solution.peak, seconds, smallest, forward_s, front,
                       budget_for, recompute_cost, flops)

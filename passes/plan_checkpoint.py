@@ -41,13 +41,16 @@ class Segment:
     checkpointing), so backward recomputes only the cheap ops between them;
     ``"save_ops"`` keeps the outputs of the ops the budget planner chose,
     listed per block in ``saved_ops`` as ``(index, op name)`` pairs (index:
-    position among the ops of the block's forward).
+    position among the ops of the block's forward). Its recompute skips the
+    ops listed in ``elided_ops`` (same form), whose outputs nothing then
+    needs (``passes/save_ops_menu``).
     """
 
     start: int
     end: int
     policy: str = "recompute"
     saved_ops: tuple[tuple[tuple[int, str], ...], ...] | None = None
+    elided_ops: tuple[tuple[tuple[int, str], ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:
@@ -59,12 +62,16 @@ class Segment:
         if self.saved_ops is not None and len(self.saved_ops) != self.end - self.start:
             raise ValueError(f"segment [{self.start}, {self.end}) needs one list of saved ops per block, "
                              f"got {len(self.saved_ops)}")
+        if self.elided_ops is not None and (self.saved_ops is None or len(self.elided_ops) != len(self.saved_ops)):
+            raise ValueError("elided_ops needs saved_ops, and one list per block")
 
     def describe(self) -> str:
         span = f"{self.start}" if self.end - self.start == 1 else f"{self.start}-{self.end - 1}"
         if self.policy == "save_ops":
             kept = sum(len(ops) for ops in self.saved_ops)
-            return f"{span} (save_ops: {kept} op outputs kept)"
+            elided = sum(len(ops) for ops in self.elided_ops or ())
+            skipped = f", {elided} ops elided in recompute" if elided else ""
+            return f"{span} (save_ops: {kept} op outputs kept{skipped})"
         return span if self.policy == "recompute" else f"{span} ({self.policy})"
 
 

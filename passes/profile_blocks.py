@@ -46,6 +46,8 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, replace
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -71,6 +73,14 @@ class OpCost:
     seconds: float  # its share of the block's measured forward time
     savable: bool  # keeping its output is safe: new storage, not random, not modified in place later
     flops: int = 0  # as torch.utils.flop_counter counts them (zero for pointwise ops)
+    # dataflow inside the block, for eliding ops a recompute does not need (``passes/replay_ops``);
+    # ``BlockCost.dataflow`` says whether it was recorded
+    reads: tuple[int, ...] = ()  # indices of the earlier ops whose output storages it reads
+    saved: bool = False  # autograd saves one of its outputs (not counting a dropout mask)
+    escapes: bool = False  # one of its outputs leaves the block (the block's output)
+    random: bool = False  # draws random numbers: a recompute must run it to keep the RNG in step
+    alias: bool = False  # returns views of its inputs and mutates nothing (reading costs nothing)
+    mask_only: bool = False  # dropout: its saved mask does not depend on its input's values
 
     @property
     def seconds_per_byte(self) -> float:
@@ -98,6 +108,7 @@ class BlockCost:
     selective_overhead_s: float = 0.0
     forward_flops: int = 0  # the ops' FLOPs summed (FlopCounterMode over a forward without an op profile)
     selective_recompute_flops: int = 0  # FLOPs of the ops the save_matmuls policy recomputes
+    dataflow: bool = False  # ``ops`` record what they read, save and leave (recompute may elide ops)
 
     @property
     def replayed(self) -> tuple[OpCost, ...] | None:
@@ -147,17 +158,42 @@ def _is_matmul(name: str) -> bool:
     return name in _MATMUL_NAMES
 
 
+@dataclass
+class _Recorded:
+    name: str
+    seconds: float
+    fresh_bytes: int
+    outs: list[tuple[torch.Tensor, int]]  # held to the forward's end: (tensor, version when returned)
+    ok: bool  # fresh storages only, not random
+    flops: int
+    in_ptrs: frozenset[int]
+    out_ptrs: tuple[int, ...]  # per output, in order (0: no storage)
+    random: bool
+    alias: bool
+
+
+# outputs whose values do not depend on the op's input values: dropout's mask is
+# drawn from the RNG alone, so a recompute that needs only the mask can feed dropout
+# any tensor of the right shape
+_MASK_OUTPUTS = {"aten.native_dropout.default": frozenset({1})}
+# ops that read only their input's shape, dtype and device (dropout's mask starts as
+# ``empty_like(x)``): they never make the recompute compute their input
+_SHAPE_ONLY = frozenset(f"aten.{name}.default" for name in
+                        ("empty_like", "zeros_like", "ones_like", "rand_like", "randn_like", "full_like"))
+
+
 class _OpRecorder(TorchDispatchMode):
-    """Every op selective checkpointing would see: name, wall time, new output storages, FLOPs.
+    """Every op selective checkpointing would see: name, wall time, new output storages, FLOPs, dataflow.
 
     Outputs are held until the forward ends, to notice ones modified in place later
-    (selective checkpointing refuses to hand back a mutated saved output).
+    (selective checkpointing refuses to hand back a mutated saved output); holding
+    them also keeps storage addresses unique, so they identify tensors in the dataflow.
     """
 
     def __init__(self, device: torch.device):
         super().__init__()
         self.cuda = device.type == "cuda"
-        self.ops: list[tuple[str, float, int, list[tuple[torch.Tensor, int]], bool, int]] = []
+        self.ops: list[_Recorded] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -170,15 +206,34 @@ class _OpRecorder(TorchDispatchMode):
         if self.cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        inputs = {_ptr(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = frozenset(_ptr(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         fresh = {_ptr(t): t.untyped_storage().nbytes() for t in outs if _ptr(t) not in inputs and _ptr(t) != 0}
-        ok = bool(outs) and len(fresh) == len({_ptr(t) for t in outs}) \
-            and torch.Tag.nondeterministic_seeded not in func.tags
+        random = torch.Tag.nondeterministic_seeded in func.tags
+        ok = bool(outs) and len(fresh) == len({_ptr(t) for t in outs}) and not random
+        alias = bool(outs) and not fresh and not func._schema.is_mutable
         count = flop_registry.get(func._overloadpacket)
         flops = int(count(*args, **kwargs, out_val=out)) if count is not None else 0
-        self.ops.append((str(func), dt, sum(fresh.values()), [(t, t._version) for t in outs], ok, flops))
+        self.ops.append(_Recorded(str(func), dt, sum(fresh.values()), [(t, t._version) for t in outs], ok, flops,
+                                  inputs, tuple(_ptr(t) for t in outs), random, alias))
         return out
+
+
+def _dataflow(ops: list[_Recorded], saved: set[int], escaping: set[int]) -> list[dict]:
+    """Per op: which earlier ops' storages it reads, and whether autograd or the caller keeps its outputs."""
+    producer: dict[int, int] = {}
+    flows = []
+    for k, op in enumerate(ops):
+        reads = [] if op.name in _SHAPE_ONLY else sorted({producer[p] for p in op.in_ptrs if p in producer})
+        masks = _MASK_OUTPUTS.get(op.name, frozenset())
+        valued = [p for i, p in enumerate(op.out_ptrs) if p and i not in masks]
+        flows.append(dict(reads=tuple(reads), saved=any(p in saved for p in valued),
+                          escapes=any(p in escaping for p in op.out_ptrs if p), random=op.random,
+                          alias=op.alias, mask_only=bool(masks)))
+        for p in op.out_ptrs:
+            if p and p not in op.in_ptrs:
+                producer.setdefault(p, k)
+    return flows
 
 
 class _OpCounter(TorchDispatchMode):
@@ -206,22 +261,34 @@ def _profile_ops(run: "_BlockRun", forward_s: float, repeats: int = 3) -> tuple[
     policy's, and the planner falls back to whole-block figures.
     """
     runs = []
+    saved: set[int] = set()
+    escaping: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.add(_ptr(t))
+        return t
+
+    flows: list[dict] = []
     for _ in range(max(1, repeats) + 1):  # the first run warms caches up
         recorder = _OpRecorder(run.device)
         x = run.hidden()
-        with recorder:
-            run(x)
+        saved.clear()
+        with recorder, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = run.raw(x)
+        escaping = {_ptr(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
+        flows = _dataflow(recorder.ops, saved, escaping)
         # keep no outputs past their run: (name, seconds, bytes, savable, flops)
-        runs.append([(name, dt, nbytes, ok and nbytes > 0 and all(t._version == v for t, v in outs), flops)
-                     for name, dt, nbytes, outs, ok, flops in recorder.ops])
-        del recorder
+        runs.append([(op.name, op.seconds, op.fresh_bytes,
+                      op.ok and op.fresh_bytes > 0 and all(t._version == v for t, v in op.outs), op.flops)
+                     for op in recorder.ops])
+        del recorder, out
     last = runs[-1]
     names = [op[0] for op in last]
     timed = [r for r in runs[1:] if [op[0] for op in r] == names]  # includes the last run
     dts = [statistics.median(r[k][1] for r in timed) for k in range(len(last))]
     scale = forward_s / (sum(dts) or 1e-12)
-    ops = tuple(OpCost(k, name, nbytes, dt * scale, savable, flops)
-                for k, ((name, _, nbytes, savable, flops), dt) in enumerate(zip(last, dts)))
+    ops = tuple(OpCost(k, name, nbytes, dt * scale, savable, flops, **flow)
+                for k, ((name, _, nbytes, savable, flops), dt, flow) in enumerate(zip(last, dts, flows)))
 
     counter = _OpCounter()
 
@@ -274,9 +341,13 @@ class _BlockRun:
         return x.requires_grad_(self.dtype.is_floating_point)
 
     def __call__(self, x: torch.Tensor, forward=None) -> torch.Tensor:
-        a, k = set_slot(self.args, self.kwargs, self.slot, x)
-        out, _ = fed_tensor((forward or self.forward)(*a, **k))
+        out, _ = fed_tensor(self.raw(x, forward))
         return out
+
+    def raw(self, x: torch.Tensor, forward=None) -> Any:
+        """The block's whole output (tuples of HF layers included)."""
+        a, k = set_slot(self.args, self.kwargs, self.slot, x)
+        return (forward or self.forward)(*a, **k)
 
 
 def _grad_bytes(module: nn.Module) -> int:
@@ -363,7 +434,8 @@ def _measure(run: _BlockRun, repeats: int) -> BlockCost:
         forward_transient=max(0, forward_peak - retained), backward_transient=max(0, backward_peak),
         grad_bytes=_grad_bytes(run.module), forward_s=forward_s,
         selective_saved_bytes=max(0, selective_retained), selective_recompute_s=selective_s,
-        ops=ops, replayed_ops=replayed, forward_flops=forward_flops, selective_recompute_flops=selective_flops)
+        ops=ops, replayed_ops=replayed, forward_flops=forward_flops, selective_recompute_flops=selective_flops,
+        dataflow=bool(ops))
     ckpt_over, sac_over = _overheads(run, cost, repeats)
     return replace(cost, checkpoint_overhead_s=ckpt_over, selective_overhead_s=sac_over)
 

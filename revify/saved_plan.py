@@ -107,19 +107,23 @@ class RecordedPlan:
             raise ValueError(f"malformed plan entry ({type(exc).__name__}: {exc})") from None
 
 
+def _op_lists(blocks: list) -> tuple[tuple[tuple[int, str], ...], ...]:
+    return tuple(tuple((int(i), str(op)) for i, op in block) for block in blocks)
+
+
 def _segment_from_json(seg: list) -> Segment:
-    """``[start, end, policy]``, and for ``save_ops`` a fourth item: per block, ``[[index, op], …]``."""
+    """``[start, end, policy]``; for ``save_ops`` per block ``[[index, op], …]`` kept, then (optional) elided."""
     start, end, policy, *rest = seg
-    saved = None
-    if rest:
-        saved = tuple(tuple((int(i), str(op)) for i, op in block) for block in rest[0])
-    return Segment(int(start), int(end), str(policy), saved)
+    saved = _op_lists(rest[0]) if rest else None
+    elided = _op_lists(rest[1]) if len(rest) > 1 else None
+    return Segment(int(start), int(end), str(policy), saved, elided)
 
 
 def _segment_to_json(s: Segment) -> list:
     entry: list = [s.start, s.end, s.policy]
-    if s.saved_ops is not None:
-        entry.append([[list(pair) for pair in block] for block in s.saved_ops])
+    for lists in (s.saved_ops, s.elided_ops):
+        if lists is not None:
+            entry.append([[list(pair) for pair in block] for block in lists])
     return entry
 
 

@@ -122,7 +122,8 @@ def test_per_block_and_selective_segments_are_exact(name):
     from dataclasses import replace
 
     from revify.api import _analyse, convert
-    from revify.passes.chain_costs import saved_ops_plan, save_ops_thresholds
+    from revify.passes.chain_costs import SaveOpsMenus, save_ops_plan
+    from revify.passes.save_ops_menu import ALL_STEPS
     from revify.passes.plan_checkpoint import Segment
     from revify.passes.profile_blocks import profile_chains
 
@@ -134,11 +135,11 @@ def test_per_block_and_selective_segments_are_exact(name):
             profiles = profile_chains(case.model, [cp.chain for cp in plan.chains], repeats=1)
             chains = []
             for cp, prof in zip(plan.chains, profiles):
-                levels = save_ops_thresholds(prof.blocks)
+                levels = SaveOpsMenus(prof.blocks).levels()
                 assert levels, "no op of these blocks may be kept"
-                t = 0.0 if policy == "save_ops:all" else levels[len(levels) // 2]
+                t = ALL_STEPS if policy == "save_ops:all" else levels[len(levels) // 2]
                 chains.append(replace(cp, segments=tuple(
-                    Segment(s.start, s.end, "save_ops", saved_ops_plan(prof.blocks, s.start, s.end, t))
+                    Segment(s.start, s.end, "save_ops", *save_ops_plan(prof.blocks, s.start, s.end, t))
                     for s in cp.segments)))
             plan.chains = chains
         else:

@@ -90,9 +90,10 @@ def test_convert_then_load(hf_folders, tmp_path, name, strategy, extra):
     plan = loaded.revify_plan
     if strategy == "checkpoint":
         recorded = manifest["plan"]["chains"][0]
-        # save_ops segments also record the op outputs they keep, per block
+        # save_ops segments also record the op outputs they keep, per block, and those their recompute elides
         assert [list(s) for s in recorded["segments"]] == \
-            [[s.start, s.end, s.policy] + ([[[list(op) for op in ops] for ops in s.saved_ops]] if s.saved_ops else [])
+            [[s.start, s.end, s.policy] + [[[list(op) for op in ops] for ops in lists]
+                                           for lists in (s.saved_ops, s.elided_ops) if lists]
              for s in plan.chains[0].segments]
         # the same function and gradients as the original checkpoint, dropout on
         original = read_source(src, seq_len=16).model

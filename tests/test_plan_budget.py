@@ -218,7 +218,9 @@ def test_save_ops_plans_keep_what_was_predicted_and_stay_exact():
 
 
 def test_save_ops_thresholds_split_the_savable_bytes():
-    from revify.passes.chain_costs import save_ops_thresholds, saved_ops_of
+    """Without a dataflow the menu is the old knapsack order: single ops by recompute per byte."""
+    from revify.passes.chain_costs import SaveOpsMenus
+    from revify.passes.save_ops_menu import ALL_STEPS
     from revify.passes.profile_blocks import BlockCost, OpCost
 
     ops = tuple(OpCost(k, f"aten.op{k}.default", 1000 * (k + 1), 1e-3 / (k + 1) ** 2, savable=k % 5 != 4)
@@ -226,15 +228,18 @@ def test_save_ops_thresholds_split_the_savable_bytes():
     block = BlockCost(input_bytes=100, saved_bytes=0, saves_input=False, saves_output=False, forward_transient=0,
                       backward_transient=0, grad_bytes=0, forward_s=sum(o.seconds for o in ops),
                       selective_saved_bytes=0, selective_recompute_s=0.0, ops=ops, replayed_ops=12)
-    levels = save_ops_thresholds((block, block), levels=6)
+    menus = SaveOpsMenus((block, block))
+    levels = menus.levels(at_most=6)
     ratios = sorted({o.seconds_per_byte for o in ops if o.savable}, reverse=True)
     assert 2 <= len(levels) <= 6 and list(levels) == sorted(levels, reverse=True)
-    assert levels[0] == ratios[0] and set(levels) <= set(ratios)
-    kept = [sum(o.out_bytes for o in saved_ops_of(block, t, last=False)) for t in levels]
+    assert levels[0][0] == pytest.approx(ratios[0])
+    assert all(any(ratio == pytest.approx(r) for r in ratios) for ratio, _ in levels)
+    kept = [sum(o.out_bytes for o in menus.kept(block, t, last=False)) for t in levels]
     assert kept == sorted(kept) and kept[-1] > kept[0]  # lower threshold, more kept
     # as the last block of a segment, nothing after the replayed prefix is kept
-    assert all(o.index < 12 for o in saved_ops_of(block, 0.0, last=True))
-    assert not any(o.index % 5 == 4 for o in saved_ops_of(block, 0.0, last=False))
+    assert all(o.index < 12 for o in menus.kept(block, ALL_STEPS, last=True))
+    assert not any(o.index % 5 == 4 for o in menus.kept(block, ALL_STEPS, last=False))
+    assert not menus.replay(block, ALL_STEPS, last=False).elided  # nothing is elided without a dataflow
 
 
 def _backward_flops(model, inputs, loss_fn=_logits_loss) -> int:
@@ -315,6 +320,12 @@ def test_recompute_cost_through_the_public_call():
     assert plan.budget.recompute_cost == "flops"
     assert plan.budget.predicted_recompute_flops == _backward_flops(rmodel, inputs) - _backward_flops(model, inputs)
     assert plan.budget.predicted_recompute_flops > 0 and "FLOP (least FLOPs" in str(plan)
+    # its front is FLOP-optimal, and reported in FLOPs: non-increasing as the budget grows
+    front = [cost for _, _, cost in sorted(plan.budget.pareto)]
+    assert front and front == sorted(front, reverse=True) and front[-1] < plan.budget.predicted_recompute_flops
+    rep = revify.report(model, rmodel, inputs, repeats=1, formulas=False)
+    assert rep.pareto_unit == "flops" and rep.chosen[1] == plan.budget.predicted_recompute_flops
+    assert "FLOP" in str(rep).split("planner Pareto front (PREDICTED)")[1].splitlines()[1]
     with pytest.raises(ValueError, match="unknown recompute_cost 'speed'; choose one of time, flops"):
         revify.revify(model, inputs, memory_budget="40KiB", recompute_cost="speed")
     with pytest.raises(ValueError, match="schedule='per-block' plans without it"):

@@ -182,7 +182,8 @@ def test_selective_segments_round_trip_with_their_op_lists(tmp_path):
     from dataclasses import replace
 
     from revify.api import analyse_model, convert
-    from revify.passes.chain_costs import saved_ops_plan
+    from revify.passes.chain_costs import save_ops_plan
+    from revify.passes.save_ops_menu import ALL_STEPS
     from revify.passes.plan_checkpoint import Segment, plan_checkpoint
     from revify.passes.profile_blocks import profile_chains
 
@@ -190,7 +191,7 @@ def test_selective_segments_round_trip_with_their_op_lists(tmp_path):
     plan, trace, analysis = analyse_model(case.model, case.example_inputs, "checkpoint")
     (chain,) = analysis.chains
     (prof,) = profile_chains(case.model, [chain], repeats=1)
-    segments = tuple(Segment(i, i + 2, "save_ops", saved_ops_plan(prof.blocks, i, i + 2, 0.0))
+    segments = tuple(Segment(i, i + 2, "save_ops", *save_ops_plan(prof.blocks, i, i + 2, ALL_STEPS))
                      for i in range(0, len(chain.blocks) - 1, 2))
     plan.chains = [replace(plan_checkpoint(chain, "per-block"), segments=segments)]
     rmodel = convert(case.model, plan, trace, case.example_inputs)

@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.checkpoint import (SAC_IGNORED_OPS, CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
 
 import functools
 
@@ -172,6 +176,19 @@ def _op_name(func) -> str:
     return str(func)  # formatting an OpOverload costs microseconds; the policy asks on every op
 
 
+OpLists = tuple[tuple[tuple[int, str], ...], ...]
+
+
+@dataclass(frozen=True)
+class _Blank:
+    """Shape of an elided op's output tensor, recorded in forward."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
 class SaveListedOps:
     """Selective checkpointing policy: keep the outputs of the ops the planner listed.
 
@@ -183,29 +200,94 @@ class SaveListedOps:
     tensor. Any consistent choice is correct: what is not saved is
     recomputed. One instance serves one checkpoint call; the segment tells it
     which block runs (``enter``).
+
+    ``elided_ops`` (same form) are ops the recompute skips
+    (``passes/save_ops_menu``): the forward records the shapes of their
+    outputs, and ``_ElideDeadOps`` hands back uninitialised tensors of those
+    shapes in recompute. Only ops the policy did not save can be elided, and
+    a name that does not match runs the op: slower, never wrong.
     """
 
-    def __init__(self, saved_ops: tuple[tuple[tuple[int, str], ...], ...]):
+    def __init__(self, saved_ops: OpLists, elided_ops: OpLists | None = None):
         self.saved = [dict(ops) for ops in saved_ops]
+        self.elided = [dict(ops) for ops in elided_ops] if elided_ops else [{} for _ in saved_ops]
         self.block = 0
         self.index = 0
+        # per block, filled in forward: the ops not saved, in order (what the recompute runs),
+        # and the output shapes of those to elide
+        self.recomputed: list[list[tuple[int, str]]] = [[] for _ in saved_ops]
+        self.blanks: list[dict[int, tuple[Any, list]]] = [{} for _ in saved_ops]
+        self.replayed = 0  # ops the recompute of the current block has run so far
+
+    @property
+    def elides(self) -> bool:
+        return any(self.elided)
 
     def enter(self, block: int) -> None:
-        self.block, self.index = block, 0
+        self.block, self.index, self.replayed = block, 0, 0
 
     def __call__(self, ctx, func, *args, **kwargs) -> CheckpointPolicy:
         # torch calls the policy in the forward only; the recompute replays its decisions
         index = self.index
         self.index += 1
-        if self.saved[self.block].get(index) == _op_name(func):
+        name = _op_name(func)
+        if self.saved[self.block].get(index) == name:
             return CheckpointPolicy.MUST_SAVE
+        self.recomputed[self.block].append((index, name))
+        if self.elided[self.block].get(index) == name:
+            leaves, spec = tree_flatten(ctx.op_output)
+            self.blanks[self.block][index] = (spec, [
+                _Blank(tuple(t.shape), tuple(t.stride()), t.dtype, t.device) if isinstance(t, torch.Tensor) else t
+                for t in leaves])
         return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class _ElideDeadOps(TorchDispatchMode):
+    """In recompute, below selective checkpointing's mode: blank outputs for the elided ops.
+
+    Selective checkpointing hands back the saved ops from its cache and calls
+    down for the others, in forward order, so the n-th op reaching this mode
+    in a block is the n-th op the forward did not save.
+    """
+
+    def __init__(self, policy: SaveListedOps):
+        super().__init__()
+        self.policy = policy
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SAC_IGNORED_OPS:
+            return func(*args, **kwargs)
+        p = self.policy
+        n, p.replayed = p.replayed, p.replayed + 1
+        order = p.recomputed[p.block]
+        if n < len(order) and order[n][1] == _op_name(func):
+            blank = p.blanks[p.block].get(order[n][0])
+            if blank is not None:
+                spec, leaves = blank
+                return tree_unflatten([torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=m.device)
+                                       if isinstance(m, _Blank) else m for m in leaves], spec)
+        return func(*args, **kwargs)
+
+
+def _selective_contexts(policy: SaveListedOps) -> tuple[Any, Any]:
+    forward, recompute = create_selective_checkpoint_contexts(policy)
+    if not policy.elides:
+        return forward, recompute
+    return forward, _stacked(_ElideDeadOps(policy), recompute)
+
+
+@contextmanager
+def _stacked(lower: Any, upper: Any) -> Iterator[None]:
+    # entered first, ``lower`` sits below ``upper`` on the dispatch-mode stack
+    with lower, upper:
+        yield
 
 
 def _context_fn(policy: str | SaveListedOps) -> Callable | None:
     """``context_fn`` for ``torch.utils.checkpoint``: None recomputes everything."""
     if isinstance(policy, SaveListedOps):
-        return functools.partial(create_selective_checkpoint_contexts, policy)
+        return functools.partial(_selective_contexts, policy)
     if policy == "recompute":
         return None
     if policy == "save_matmuls":
@@ -224,14 +306,17 @@ class CheckpointSegment:
 
     def __init__(self, blocks: list[nn.Module], hidden_slot: tuple[str, Any],
                  mutated_buffers: list[tuple[nn.Module, str]], policy: str = "recompute",
-                 saved_ops: tuple[tuple[tuple[int, str], ...], ...] | None = None):
+                 saved_ops: OpLists | None = None, elided_ops: OpLists | None = None):
         if policy == "save_ops":
             if saved_ops is None or len(saved_ops) != len(blocks):
                 raise ValueError("policy 'save_ops' needs one list of saved ops per block")
+            if elided_ops is not None and len(elided_ops) != len(blocks):
+                raise ValueError("elided_ops needs one list per block")
         else:
             _context_fn(policy)  # unknown policies fail at conversion
         self.policy = policy
         self.saved_ops = saved_ops
+        self.elided_ops = elided_ops
         self.blocks = blocks
         self.forwards = [original_forward(b) for b in blocks]
         self.hidden_slot = hidden_slot
@@ -274,7 +359,7 @@ class CheckpointSegment:
         """The checkpoint policy for one call; ``save_ops`` needs a fresh counter per call."""
         if self.policy != "save_ops":
             return self.policy
-        policy = SaveListedOps(self.saved_ops)
+        policy = SaveListedOps(self.saved_ops, self.elided_ops)
         policy.enter(first_block)
         return policy
 
