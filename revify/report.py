@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from revify.measure import CATEGORIES, ExampleInputs, StepMeasurement, measure_block_times, measure_step
-from revify.units import format_bytes
+from revify.units import format_bytes, format_flops
 
 __all__ = ["MemoryReport", "ChainReport", "BlockMemory", "report", "format_bytes", "default_loss_fn"]
 
@@ -105,8 +105,9 @@ class MemoryReport:
     blocks: list[BlockMemory] = field(default_factory=list)
     estimated: bool = False  # figures from fake tensors (nothing allocated), not measured
     forward_s: float | None = None  # measured forward time of the original model
-    pareto: list[tuple[int, int, float]] = field(default_factory=list)  # planner: (budget, peak, recompute s)
-    chosen: tuple[int, float] | None = None  # planner: (predicted peak, recompute s) of the plan applied
+    pareto: list[tuple[int, int, float]] = field(default_factory=list)  # planner: (budget, peak, recompute)
+    chosen: tuple[int, float] | None = None  # planner: (predicted peak, recompute) of the plan applied
+    pareto_unit: str = "time"  # the recompute of ``pareto`` and ``chosen``: "time" (seconds) or "flops"
     _formulas: dict[str, Any] | None = field(default=None, repr=False)
     _predict: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
     _labels: list[Any] = field(default_factory=list, repr=False)
@@ -137,6 +138,9 @@ class MemoryReport:
     def formula(self, file: Any = None) -> None:
         """Print the predicted memory formulas (sympy expressions in B and S), before and after."""
         print("\n".join(self._formula_lines()), file=file)
+
+    def _recompute(self, cost: float) -> str:
+        return f"{cost * 1e3:.1f} ms" if self.pareto_unit == "time" else format_flops(cost)
 
     def _formula_lines(self) -> list[str]:
         formulas = self.formulas
@@ -178,7 +182,7 @@ class MemoryReport:
             "forward_s": self.forward_s,
             "chains": [asdict(c) for c in self.chains],
             "blocks": [asdict(b) for b in self.blocks],
-            "pareto": [list(p) for p in self.pareto],
+            "pareto": [list(p) for p in self.pareto], "pareto_unit": self.pareto_unit,
             "chosen": list(self.chosen) if self.chosen else None,
         }
         if self._formulas is not None or self._predict is not None:
@@ -225,7 +229,7 @@ class MemoryReport:
         if self.pareto:
             lines.append("planner Pareto front (PREDICTED): budget -> peak, recompute")
             for budget, peak, cost in self.pareto:
-                lines.append(f"  {format_bytes(budget):>10} -> {format_bytes(peak):>10}, {cost * 1e3:.1f} ms")
+                lines.append(f"  {format_bytes(budget):>10} -> {format_bytes(peak):>10}, {self._recompute(cost)}")
         if self.plan_summary:
             lines.append("plan:")
             lines.extend("  " + ln for ln in self.plan_summary.splitlines())
@@ -302,13 +306,15 @@ class MemoryReport:
         ax.legend(fontsize=8)
         if self.pareto:
             ax = axes[2]
+            # milliseconds, or GFLOP when the planner minimised FLOPs (its front is FLOP-optimal)
+            per, axis = (1e3, "time (ms)") if self.pareto_unit == "time" else (1e-9, "GFLOP")
             pts = sorted((cost, peak / scale) for _, peak, cost in self.pareto)
-            ax.plot([p[0] * 1e3 for p in pts], [p[1] for p in pts], "o-", label="planner front (predicted)")
+            ax.plot([p[0] * per for p in pts], [p[1] for p in pts], "o-", label="planner front (predicted)")
             if self.chosen is not None:
-                ax.plot([self.chosen[1] * 1e3], [self.chosen[0] / scale], "r*", markersize=12, label="this plan")
-            ax.set_xlabel("predicted recompute time (ms)")
+                ax.plot([self.chosen[1] * per], [self.chosen[0] / scale], "r*", markersize=12, label="this plan")
+            ax.set_xlabel(f"predicted recompute {axis}")
             ax.set_ylabel(f"predicted peak ({unit})")
-            ax.set_title("memory / time trade-off")
+            ax.set_title("memory / recompute trade-off")
             ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -401,14 +407,17 @@ def _chains(rmodel: Any) -> list[_Chain]:
     return out
 
 
-def _pareto(rmodel: Any) -> tuple[list[tuple[int, int, float]], tuple[int, float] | None]:
+def _pareto(rmodel: Any) -> tuple[list[tuple[int, int, float]], tuple[int, float] | None, str]:
+    """The planner's front, its chosen point, and the unit of their recompute ("time" or "flops")."""
     plan = getattr(rmodel, "revify_plan", None)
     budget = getattr(plan, "budget", None)
     front = getattr(plan, "pareto", None) or getattr(budget, "pareto", None) or []
+    unit = getattr(budget, "recompute_cost", "time") or "time"
     chosen = None
     if budget is not None and getattr(budget, "predicted_peak", None) is not None:
-        chosen = (int(budget.predicted_peak), float(getattr(budget, "predicted_recompute_s", 0.0) or 0.0))
-    return [(int(b), int(p), float(c)) for b, p, c in front], chosen
+        field_name = "predicted_recompute_s" if unit == "time" else "predicted_recompute_flops"
+        chosen = (int(budget.predicted_peak), float(getattr(budget, field_name, 0.0) or 0.0))
+    return [(int(b), int(p), float(c)) for b, p, c in front], chosen, unit
 
 
 def build_report(before: StepMeasurement, after: StepMeasurement, rmodel: Any, *, device: str,
@@ -441,11 +450,11 @@ def build_report(before: StepMeasurement, after: StepMeasurement, rmodel: Any, *
             planned_recompute_fraction=getattr(e, "recompute_fraction", None),
             forward_s=fwd, recompute_s=rec, recompute_fraction=frac, reconstruction_error=err, start_error=start,
             recompute_partial=ch.kind == "checkpoint" and any(s.policy != "recompute" for s in e.segments)))
-    pareto, chosen = _pareto(rmodel)
+    pareto, chosen, pareto_unit = _pareto(rmodel)
     rep = MemoryReport(before=before, after=after, plan_summary=_plan_summary(rmodel), notes=notes,
                        device=device, chains=rows, blocks=blocks, estimated=estimated,
                        forward_s=forward[0] if forward else None, pareto=pareto, chosen=chosen,
-                       _predict=predict, _labels=[c.label() for c in chains])
+                       pareto_unit=pareto_unit, _predict=predict, _labels=[c.label() for c in chains])
     if predict is not None and eager_formulas:
         rep.formulas  # noqa: B018  (fits them now)
     return rep
