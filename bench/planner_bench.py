@@ -346,8 +346,13 @@ def _verdicts(rows) -> list[str]:
 
 
 def _flop_verdict(ours_gflop: float, theirs_gflop: float, backward_flops: int) -> str:
-    """Within 10% of compile's recompute, give or take 1% of a backward (when compile recomputes ~nothing)."""
-    return ("within 10%" if ours_gflop <= 1.10 * theirs_gflop + 0.01 * backward_flops / 1e9
+    """Within 10% of compile's recompute; where compile recomputes almost nothing, within 1% of a backward.
+
+    The 1% is a floor, not a margin added everywhere: until 2026-11-24 it was
+    added to every comparison, which counted 25.97 GFLOP against compile's
+    22.34 (16% more) on BERT as within 10%.
+    """
+    return ("within 10%" if ours_gflop <= max(1.10 * theirs_gflop, 0.01 * backward_flops / 1e9)
             else "NOT within 10%")
 
 

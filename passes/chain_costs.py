@@ -101,6 +101,7 @@ class ReversibleCost:
     stream_ratio: float  # stream bytes per hidden byte (2.0: fp64 streams for fp32 blocks)
     grad_bytes: tuple[int, ...]  # per block, after conversion (adapters; the backbone if trainable)
     adapter_s: float = 0.0  # extra forward seconds of the adapters, per block
+    adapter_flops: int = 0  # forward FLOPs of all the chain's adapters (as flop_counter counts matmuls)
 
 
 class _Runs:
@@ -192,15 +193,15 @@ class SaveOpsMenus:
 OpList = tuple[tuple[tuple[int, str], ...], ...]
 
 
-def save_ops_plan(blocks: tuple[BlockCost, ...], i: int, j: int, threshold: Level,
-                  pricing: Pricing = Pricing()) -> tuple[OpList, OpList]:
+def save_ops_plan(blocks: tuple[BlockCost, ...], i: int, j: int, level: Level,
+                  pricing: Pricing = Pricing()) -> tuple[OpList, OpList | None]:
     """``Segment.saved_ops`` and ``Segment.elided_ops`` (None: nothing elided) of a ``save_ops`` option."""
     menus = SaveOpsMenus(blocks[i:j], pricing)
     saved, elided = [], []
     for k in range(i, j):
         last = k == j - 1
-        saved.append(tuple((o.index, o.name) for o in menus.kept(blocks[k], threshold, last)))
-        elided.append(tuple((o.index, o.name) for o in menus.replay(blocks[k], threshold, last).elided))
+        saved.append(tuple((o.index, o.name) for o in menus.kept(blocks[k], level, last)))
+        elided.append(tuple((o.index, o.name) for o in menus.replay(blocks[k], level, last).elided))
     return tuple(saved), (tuple(elided) if any(elided) else None)
 
 
@@ -301,6 +302,6 @@ def _reversible_option(blocks: tuple[BlockCost, ...], bases: ChainBases, offset:
     fwd = max(b.saved_bytes + b.forward_transient for b in blocks) + 3 * stream
     need = max(bases.base_f + fwd, bases.base_b + keep + bwd, bases.start_need)
     seconds = sum(b.forward_s for b in blocks) + rev.adapter_s * len(blocks)
-    flops = sum(b.forward_flops for b in blocks)  # adapters' FLOPs are not counted: rank r ≪ hidden size
+    flops = sum(b.forward_flops for b in blocks) + rev.adapter_flops
     return Option(offset, offset + len(blocks), keep, need, pricing.price(seconds, flops),
                   ("reversible", chain_index, 0, len(blocks)), (seconds, flops))

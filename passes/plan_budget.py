@@ -32,6 +32,7 @@ An infeasible budget raises ``BudgetError`` naming the smallest feasible one.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -95,7 +96,12 @@ def _reversible_cost(model: nn.Module, prof: ChainProfile, options: ReversibleOp
     adapters = 0 if options.coupling == "revnet" else 2 * (2 * dim * options.adapter_rank + options.adapter_rank + dim)
     frozen = options.freeze_backbone and options.coupling != "revnet"
     grads = tuple(adapters * itemsize + (0 if frozen else b.grad_bytes) for b in prof.blocks)
-    return ReversibleCost(_stream_ratio(dtype, options), grads)
+    # an adapter is two matmuls (dim -> rank -> dim) over every token; MEFT puts one beside F and
+    # one beside G of every step, except meft1's last G (rewrite_reversible)
+    tokens = math.prod((call.hidden_in_shape or (0,))[:-1])
+    count = 0 if options.coupling == "revnet" else 2 * len(prof.blocks) - (options.coupling == "meft1")
+    flops = count * 2 * (2 * tokens * dim * options.adapter_rank)
+    return ReversibleCost(_stream_ratio(dtype, options), grads, adapter_flops=flops)
 
 
 def _chain_kept(options: tuple[Option, ...] | list[Option], chain_index: int) -> int:

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import revify
 from revify.api import analyse_model
@@ -159,6 +160,47 @@ def test_auto_goes_below_checkpointing_with_a_reversible_chain():
     assert plan.reversible and plan.budget.predicted_peak <= budget, plan.summary()
     measured, _ = measure_memory(rmodel, inputs, _logits_loss)
     assert measured <= budget * 1.05, (measured, budget)
+
+
+class _AddmmFlops(TorchDispatchMode):
+    """FLOPs of ``addmm`` calls. ``FlopCounterMode`` cannot watch a reversible backward: its module
+    hooks refuse the ``autograd.grad`` the chain calls inside backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.addmm.default:
+            self.flops += int(flop_registry[func._overloadpacket](*args, out_val=out))
+        return out
+
+
+@pytest.mark.parametrize("coupling", ["meft1", "meft2", "revnet"])
+def test_reversible_option_counts_the_flops_its_backward_recomputes(coupling):
+    """The reversible option's FLOPs are the blocks' forward plus the adapters'. On an MLP-ResNet every
+    recomputed op is an ``addmm`` (a Linear with bias) and plain autograd's backward runs none (its
+    gradients are ``mm``), so the ``addmm`` FLOPs of the converted model's backward are its recompute."""
+    from revify.passes.chain_costs import ChainBases, chain_options
+    from revify.passes.plan_budget import _reversible_cost
+    from revify.passes.plan_reversible import ReversibleOptions
+
+    torch.manual_seed(0)
+    model = MLPResNet(dim=64, n_blocks=6).train()
+    inputs = (torch.randn(128, 64),)
+    chains, profiles, _ = _planner_profile(model, inputs, _logits_loss)
+    cost = _reversible_cost(model, profiles[0], ReversibleOptions(coupling=coupling))
+    (option,) = [o for o in chain_options(profiles[0].blocks, ChainBases(0, 0), 0, 0, reversible=cost)
+                 if o.label[0] == "reversible"]
+    rmodel = revify.revify(copy.deepcopy(model), inputs, strategy="reversible", coupling=coupling)
+    assert rmodel.revify_plan.reversible
+    loss = _logits_loss(call_model(rmodel, inputs))
+    counter = _AddmmFlops()
+    with counter:
+        loss.backward()
+    assert counter.flops == option.parts[1]
+    assert (cost.adapter_flops > 0) == (coupling != "revnet")
 
 
 def _mlp_problem(budget_for: str, policies=POLICY_OPTIONS):
