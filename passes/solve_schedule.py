@@ -1,4 +1,4 @@
-"""Pass 9c: the exact dynamic program behind the budget planner.
+"""Pass 9e: the exact dynamic program behind the budget planner.
 
 Knows nothing about torch or modules: it sees a path of positions
 ``0 … length`` and *options*, each covering ``[start, end)``. Choosing an
