@@ -48,6 +48,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import accumulate
 
+from revify.runtime.checkpoint_segment import op_digest
+
 from .profile_blocks import BlockCost, OpCost
 from .save_ops_menu import MenuStep, Replay, kept_at, replay, save_ops_menu
 from .solve_schedule import Option
@@ -193,16 +195,18 @@ class SaveOpsMenus:
 OpList = tuple[tuple[tuple[int, str], ...], ...]
 
 
-def save_ops_plan(blocks: tuple[BlockCost, ...], i: int, j: int, level: Level,
-                  pricing: Pricing = Pricing()) -> tuple[OpList, OpList | None]:
-    """``Segment.saved_ops`` and ``Segment.elided_ops`` (None: nothing elided) of a ``save_ops`` option."""
+def save_ops_plan(blocks: tuple[BlockCost, ...], i: int, j: int, level: Level, pricing: Pricing = Pricing()
+                  ) -> tuple[OpList, OpList | None, tuple[int, ...] | None]:
+    """``Segment.saved_ops``, ``.elided_ops`` and ``.op_digests`` of a ``save_ops`` option (None: nothing elided)."""
     menus = SaveOpsMenus(blocks[i:j], pricing)
     saved, elided = [], []
     for k in range(i, j):
         last = k == j - 1
         saved.append(tuple((o.index, o.name) for o in menus.kept(blocks[k], level, last)))
         elided.append(tuple((o.index, o.name) for o in menus.replay(blocks[k], level, last).elided))
-    return tuple(saved), (tuple(elided) if any(elided) else None)
+    if not any(elided):
+        return tuple(saved), None, None
+    return tuple(saved), tuple(elided), tuple(op_digest(o.name for o in b.ops) for b in blocks[i:j])
 
 
 class _Selective:

@@ -231,9 +231,9 @@ def segments_of(options: tuple[Option, ...] | list[Option], prof: ChainProfile, 
             continue
         start, end = o.label[2], o.label[3]
         # label: ("save_ops", chain, start, end, menu level, unit the menus were ranked in)
-        saved, elided = (save_ops_plan(prof.blocks, start, end, o.label[4], Pricing(o.label[5]))
-                         if policy == "save_ops" else (None, None))
-        segments.append(Segment(start, end, policy, saved, elided))
+        lists = (save_ops_plan(prof.blocks, start, end, o.label[4], Pricing(o.label[5]))
+                 if policy == "save_ops" else ())
+        segments.append(Segment(start, end, policy, *lists))
     return tuple(segments)
 
 

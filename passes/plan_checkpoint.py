@@ -43,7 +43,8 @@ class Segment:
     listed per block in ``saved_ops`` as ``(index, op name)`` pairs (index:
     position among the ops of the block's forward). Its recompute skips the
     ops listed in ``elided_ops`` (same form), whose outputs nothing then
-    needs (``passes/save_ops_menu``).
+    needs (``passes/save_ops_menu``), in each block whose forward runs the
+    op sequence with the checksum in ``op_digests``.
     """
 
     start: int
@@ -51,6 +52,7 @@ class Segment:
     policy: str = "recompute"
     saved_ops: tuple[tuple[tuple[int, str], ...], ...] | None = None
     elided_ops: tuple[tuple[tuple[int, str], ...], ...] | None = None
+    op_digests: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:
@@ -62,8 +64,10 @@ class Segment:
         if self.saved_ops is not None and len(self.saved_ops) != self.end - self.start:
             raise ValueError(f"segment [{self.start}, {self.end}) needs one list of saved ops per block, "
                              f"got {len(self.saved_ops)}")
-        if self.elided_ops is not None and (self.saved_ops is None or len(self.elided_ops) != len(self.saved_ops)):
-            raise ValueError("elided_ops needs saved_ops, and one list per block")
+        if self.elided_ops is not None and (self.saved_ops is None or len(self.elided_ops) != len(self.saved_ops)
+                                            or self.op_digests is None
+                                            or len(self.op_digests) != len(self.saved_ops)):
+            raise ValueError("elided_ops needs saved_ops, one list per block, and one op digest per block")
 
     def describe(self) -> str:
         span = f"{self.start}" if self.end - self.start == 1 else f"{self.start}-{self.end - 1}"

@@ -62,7 +62,7 @@ def rewrite_checkpoint(model: nn.Module, plans: list[ChainPlan],
                 owner_path, _, buf_name = name.rpartition(".")
                 buffers.append((rmodel.get_submodule(owner_path), buf_name))
             seg = CheckpointSegment(modules, blocks[start].call.hidden_slot, buffers, segment.policy,
-                                    segment.saved_ops, segment.elided_ops)
+                                    segment.saved_ops, segment.elided_ops, segment.op_digests)
             seg.install()
             segments.append(seg)
     return rmodel, segments

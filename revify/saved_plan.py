@@ -112,11 +112,13 @@ def _op_lists(blocks: list) -> tuple[tuple[tuple[int, str], ...], ...]:
 
 
 def _segment_from_json(seg: list) -> Segment:
-    """``[start, end, policy]``; for ``save_ops`` per block ``[[index, op], …]`` kept, then (optional) elided."""
+    """``[start, end, policy]``; for ``save_ops`` per block ``[[index, op], …]`` kept, then (optional)
+    per block those elided in recompute and the checksums of the op sequences they were planned on."""
     start, end, policy, *rest = seg
     saved = _op_lists(rest[0]) if rest else None
     elided = _op_lists(rest[1]) if len(rest) > 1 else None
-    return Segment(int(start), int(end), str(policy), saved, elided)
+    digests = tuple(int(d) for d in rest[2]) if len(rest) > 2 else None
+    return Segment(int(start), int(end), str(policy), saved, elided, digests)
 
 
 def _segment_to_json(s: Segment) -> list:
@@ -124,6 +126,8 @@ def _segment_to_json(s: Segment) -> list:
     for lists in (s.saved_ops, s.elided_ops):
         if lists is not None:
             entry.append([[list(pair) for pair in block] for block in lists])
+    if s.op_digests is not None:
+        entry.append(list(s.op_digests))
     return entry
 
 

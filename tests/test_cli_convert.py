@@ -90,11 +90,12 @@ def test_convert_then_load(hf_folders, tmp_path, name, strategy, extra):
     plan = loaded.revify_plan
     if strategy == "checkpoint":
         recorded = manifest["plan"]["chains"][0]
-        # save_ops segments also record the op outputs they keep, per block, and those their recompute elides
+        # save_ops segments also record the op outputs they keep, per block, those their recompute elides,
+        # and the checksums of the op sequences the elision was planned on
         assert [list(s) for s in recorded["segments"]] == \
             [[s.start, s.end, s.policy] + [[[list(op) for op in ops] for ops in lists]
                                            for lists in (s.saved_ops, s.elided_ops) if lists]
-             for s in plan.chains[0].segments]
+             + ([list(s.op_digests)] if s.op_digests else []) for s in plan.chains[0].segments]
         # the same function and gradients as the original checkpoint, dropout on
         original = read_source(src, seq_len=16).model
         out_o, grads_o = _step(original, inputs)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,7 +14,7 @@ from revify.passes.profile_blocks import profile_chains
 from revify.passes.rewrite_checkpoint import rewrite_checkpoint
 from revify.passes.save_ops_menu import replay, save_ops_menu
 from test_plan_budget import _backward_flops, _planner_profile
-from zoo import ZooCase, _logits_loss, train_step
+from zoo import ALL_CASES, ZooCase, _logits_loss, train_step
 
 
 class ParallelBlock(nn.Module):
@@ -64,7 +65,7 @@ def test_keeping_the_sum_elides_both_branches_exactly():
     assert sorted(o.name for o in elided if o.flops) == ["aten.addmm.default", "aten.addmm.default"]
 
     level = menu[0].level
-    saved, elided_ops = save_ops_plan(prof.blocks, 0, len(prof.blocks), level, Pricing("flops"))
+    saved, elided_ops, digests = save_ops_plan(prof.blocks, 0, len(prof.blocks), level, Pricing("flops"))
     assert elided_ops is not None and all(elided_ops[:-1])
     menus = SaveOpsMenus(prof.blocks, Pricing("flops"))
     predicted = sum(menus.replay(b, level, k == len(prof.blocks) - 1).flops for k, b in enumerate(prof.blocks))
@@ -72,14 +73,17 @@ def test_keeping_the_sum_elides_both_branches_exactly():
     case = ZooCase("parallel", model, inputs, _logits_loss, 8)
     out_a, _, grads_a = train_step(model, case)
     flops = {}
-    for name, elide in (("elided", elided_ops), ("replayed", None)):
-        segment = Segment(0, len(prof.blocks), "save_ops", saved, elide)
+    # a forward whose ops differ from the planned ones (here: a wrong checksum) must not elide
+    stale = tuple(d ^ 1 for d in digests)
+    for name, elide, digest in (("elided", elided_ops, digests), ("replayed", None, None),
+                                ("stale", elided_ops, stale)):
+        segment = Segment(0, len(prof.blocks), "save_ops", saved, elide, digest)
         rmodel, _ = rewrite_checkpoint(model, [ChainPlan(chain, (segment,), "budget")])
         flops[name] = _backward_flops(rmodel, inputs) - base
         out_b, _, grads_b = train_step(rmodel, replace(case, model=rmodel))
         assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a), name
     assert flops["elided"] == predicted
-    assert flops["elided"] < flops["replayed"]
+    assert flops["elided"] < flops["replayed"] == flops["stale"]
 
 
 
@@ -126,3 +130,28 @@ def test_elision_lowers_the_least_flops_on_a_parallel_residual_transformer():
         assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a), frac
     assert min(gains) >= 0 and max(gains) > 0, gains
 
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
+def test_time_priced_menus_elide_exactly_on_transformers(name):
+    """Time-priced menus keep residual sums where that also spares the ops under them, so their
+    recomputes elide projections. On small BERT, Llama and GPT-2 models, one segment over the chain at
+    two levels that elide (the first and the last): the recomputed FLOPs equal the prediction, and
+    outputs and gradients equal the original's (dropout on where the config has it)."""
+    case = ALL_CASES[name]()
+    _, profiles, _ = _planner_profile(case.model, case.example_inputs, case.loss_fn)
+    prof = profiles[0]
+    n = len(prof.blocks)
+    menus = SaveOpsMenus(prof.blocks, Pricing("time"))
+    plans = [(level, save_ops_plan(prof.blocks, 0, n, level, Pricing("time"))) for level in menus.levels()]
+    eliding = [(level, lists) for level, lists in plans if lists[1] is not None]
+    assert eliding, "no level elides"
+    base = _backward_flops(case.model, case.example_inputs, case.loss_fn)
+    out_a, _, grads_a = train_step(case.model, case)
+    for level, lists in {id(x): x for x in (eliding[0], eliding[-1])}.values():
+        predicted = sum(menus.replay(b, level, k == n - 1).flops for k, b in enumerate(prof.blocks))
+        rmodel, _ = rewrite_checkpoint(case.model, [ChainPlan(prof.chain, (Segment(0, n, "save_ops", *lists),),
+                                                              "budget")])
+        assert _backward_flops(rmodel, case.example_inputs, case.loss_fn) - base == predicted, level
+        out_b, _, grads_b = train_step(rmodel, replace(case, model=rmodel))
+        assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a), level

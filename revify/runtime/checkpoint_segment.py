@@ -26,6 +26,7 @@ second time and the saved originals are never modified in place.
 from __future__ import annotations
 
 import sys
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -179,6 +180,11 @@ def _op_name(func) -> str:
 OpLists = tuple[tuple[tuple[int, str], ...], ...]
 
 
+def op_digest(names: Iterable[str]) -> int:
+    """A checksum of a block's op sequence: elision applies only to the sequence it was planned on."""
+    return zlib.crc32("\n".join(names).encode())
+
+
 @dataclass(frozen=True)
 class _Blank:
     """Shape of an elided op's output tensor, recorded in forward."""
@@ -204,20 +210,33 @@ class SaveListedOps:
     ``elided_ops`` (same form) are ops the recompute skips
     (``passes/save_ops_menu``): the forward records the shapes of their
     outputs, and ``_ElideDeadOps`` hands back uninitialised tensors of those
-    shapes in recompute. Only ops the policy did not save can be elided, and
-    a name that does not match runs the op: slower, never wrong.
+    shapes in recompute. Which ops are dead depends on the whole block's
+    dataflow, so a block elides only when its forward ran exactly the op
+    sequence it was planned on (``digests``, one ``op_digest`` per block);
+    otherwise its recompute runs every op: slower, never wrong.
     """
 
-    def __init__(self, saved_ops: OpLists, elided_ops: OpLists | None = None):
+    def __init__(self, saved_ops: OpLists, elided_ops: OpLists | None = None,
+                 digests: tuple[int, ...] | None = None):
         self.saved = [dict(ops) for ops in saved_ops]
         self.elided = [dict(ops) for ops in elided_ops] if elided_ops else [{} for _ in saved_ops]
+        self.digests = digests
         self.block = 0
         self.index = 0
-        # per block, filled in forward: the ops not saved, in order (what the recompute runs),
-        # and the output shapes of those to elide
+        # per block, filled in forward: every op's name, the ops not saved in order (what the
+        # recompute runs), and the output shapes of those to elide
+        self.names: list[list[str]] = [[] for _ in saved_ops]
         self.recomputed: list[list[tuple[int, str]]] = [[] for _ in saved_ops]
         self.blanks: list[dict[int, tuple[Any, list]]] = [{} for _ in saved_ops]
         self.replayed = 0  # ops the recompute of the current block has run so far
+        self.checked: dict[int, bool] = {}  # per block, in recompute: its forward ran the planned ops
+
+    def elides_in(self, block: int) -> bool:
+        """Whether the recompute of ``block`` may elide: its forward ran the op sequence of the plan."""
+        if block not in self.checked:
+            self.checked[block] = (self.digests is not None and bool(self.blanks[block])
+                                   and op_digest(self.names[block]) == self.digests[block])
+        return self.checked[block]
 
     @property
     def elides(self) -> bool:
@@ -231,6 +250,7 @@ class SaveListedOps:
         index = self.index
         self.index += 1
         name = _op_name(func)
+        self.names[self.block].append(name)
         if self.saved[self.block].get(index) == name:
             return CheckpointPolicy.MUST_SAVE
         self.recomputed[self.block].append((index, name))
@@ -261,7 +281,7 @@ class _ElideDeadOps(TorchDispatchMode):
         p = self.policy
         n, p.replayed = p.replayed, p.replayed + 1
         order = p.recomputed[p.block]
-        if n < len(order) and order[n][1] == _op_name(func):
+        if n < len(order) and order[n][1] == _op_name(func) and p.elides_in(p.block):
             blank = p.blanks[p.block].get(order[n][0])
             if blank is not None:
                 spec, leaves = blank
@@ -306,17 +326,20 @@ class CheckpointSegment:
 
     def __init__(self, blocks: list[nn.Module], hidden_slot: tuple[str, Any],
                  mutated_buffers: list[tuple[nn.Module, str]], policy: str = "recompute",
-                 saved_ops: OpLists | None = None, elided_ops: OpLists | None = None):
+                 saved_ops: OpLists | None = None, elided_ops: OpLists | None = None,
+                 op_digests: tuple[int, ...] | None = None):
         if policy == "save_ops":
             if saved_ops is None or len(saved_ops) != len(blocks):
                 raise ValueError("policy 'save_ops' needs one list of saved ops per block")
-            if elided_ops is not None and len(elided_ops) != len(blocks):
-                raise ValueError("elided_ops needs one list per block")
+            if elided_ops is not None and (len(elided_ops) != len(blocks) or op_digests is None
+                                           or len(op_digests) != len(blocks)):
+                raise ValueError("elided_ops needs one list per block, and one op digest per block")
         else:
             _context_fn(policy)  # unknown policies fail at conversion
         self.policy = policy
         self.saved_ops = saved_ops
         self.elided_ops = elided_ops
+        self.op_digests = op_digests
         self.blocks = blocks
         self.forwards = [original_forward(b) for b in blocks]
         self.hidden_slot = hidden_slot
@@ -359,7 +382,7 @@ class CheckpointSegment:
         """The checkpoint policy for one call; ``save_ops`` needs a fresh counter per call."""
         if self.policy != "save_ops":
             return self.policy
-        policy = SaveListedOps(self.saved_ops, self.elided_ops)
+        policy = SaveListedOps(self.saved_ops, self.elided_ops, self.op_digests)
         policy.enter(first_block)
         return policy
 
