@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from torch.utils.checkpoint import SAC_IGNORED_OPS
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
@@ -73,7 +73,7 @@ class OpCost:
     seconds: float  # its share of the block's measured forward time
     savable: bool  # keeping its output is safe: new storage, not random, not modified in place later
     flops: int = 0  # as torch.utils.flop_counter counts them (zero for pointwise ops)
-    # dataflow inside the block, for eliding ops a recompute does not need (``passes/replay_ops``);
+    # dataflow inside the block, for eliding ops a recompute does not need (``passes/save_ops_menu``);
     # ``BlockCost.dataflow`` says whether it was recorded
     reads: tuple[int, ...] = ()  # indices of the earlier ops whose output storages it reads
     saved: bool = False  # autograd saves one of its outputs (not counting a dropout mask)
@@ -81,6 +81,7 @@ class OpCost:
     random: bool = False  # draws random numbers: a recompute must run it to keep the RNG in step
     alias: bool = False  # returns views of its inputs and mutates nothing (reading costs nothing)
     mask_only: bool = False  # dropout: its saved mask does not depend on its input's values
+    mutates: bool = False  # writes an argument too: a recompute must run it
 
     @property
     def seconds_per_byte(self) -> float:
@@ -170,6 +171,7 @@ class _Recorded:
     out_ptrs: tuple[int, ...]  # per output, in order (0: no storage)
     random: bool
     alias: bool
+    mutates: bool  # writes an argument (BatchNorm's running stats): an effect beyond its outputs
 
 
 # outputs whose values do not depend on the op's input values: dropout's mask is
@@ -210,12 +212,13 @@ class _OpRecorder(TorchDispatchMode):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         fresh = {_ptr(t): t.untyped_storage().nbytes() for t in outs if _ptr(t) not in inputs and _ptr(t) != 0}
         random = torch.Tag.nondeterministic_seeded in func.tags
+        mutates = func._schema.is_mutable
         ok = bool(outs) and len(fresh) == len({_ptr(t) for t in outs}) and not random
-        alias = bool(outs) and not fresh and not func._schema.is_mutable
+        alias = bool(outs) and not fresh and not mutates
         count = flop_registry.get(func._overloadpacket)
         flops = int(count(*args, **kwargs, out_val=out)) if count is not None else 0
         self.ops.append(_Recorded(str(func), dt, sum(fresh.values()), [(t, t._version) for t in outs], ok, flops,
-                                  inputs, tuple(_ptr(t) for t in outs), random, alias))
+                                  inputs, tuple(_ptr(t) for t in outs), random, alias, mutates))
         return out
 
 
@@ -229,7 +232,7 @@ def _dataflow(ops: list[_Recorded], saved: set[int], escaping: set[int]) -> list
         valued = [p for i, p in enumerate(op.out_ptrs) if p and i not in masks]
         flows.append(dict(reads=tuple(reads), saved=any(p in saved for p in valued),
                           escapes=any(p in escaping for p in op.out_ptrs if p), random=op.random,
-                          alias=op.alias, mask_only=bool(masks)))
+                          alias=op.alias, mutates=op.mutates, mask_only=bool(masks)))
         for p in op.out_ptrs:
             if p and p not in op.in_ptrs:
                 producer.setdefault(p, k)
@@ -247,8 +250,10 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _profile_ops(run: "_BlockRun", forward_s: float, repeats: int = 3) -> tuple[tuple[OpCost, ...], int | None]:
-    """The block's ops (times scaled to ``forward_s``) and how many a recompute replays.
+def _profile_ops(run: "_BlockRun", forward_s: float,
+                 repeats: int = 3) -> tuple[tuple[OpCost, ...], int | None, bool]:
+    """The block's ops (times scaled to ``forward_s``), how many a recompute replays, and whether
+    their dataflow is complete (no Python ``autograd.Function`` inside, see ``_runs_python_functions``).
 
     Each op's time is its median over ``repeats`` recorded forwards. The planner
     ranks ops by time per byte, and in a single run one interrupted op on a
@@ -256,39 +261,29 @@ def _profile_ops(run: "_BlockRun", forward_s: float, repeats: int = 3) -> tuple[
     6.6 ms with another process running and 0.25 ms without. A median removes
     such one-off spikes; it cannot fix load that lasts the whole profile.
 
-    Returns ``((), None)`` when a checkpointed run does not see the same number of
+    Returns ``((), None, False)`` when a checkpointed run does not see the same number of
     ops as the recorded one: then op indices would not line up with the runtime
     policy's, and the planner falls back to whole-block figures.
     """
     runs = []
-    saved: set[int] = set()
-    escaping: set[int] = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.add(_ptr(t))
-        return t
-
-    flows: list[dict] = []
     for _ in range(max(1, repeats) + 1):  # the first run warms caches up
         recorder = _OpRecorder(run.device)
         x = run.hidden()
-        saved.clear()
-        with recorder, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = run.raw(x)
-        escaping = {_ptr(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
-        flows = _dataflow(recorder.ops, saved, escaping)
+        with recorder:
+            run(x)
         # keep no outputs past their run: (name, seconds, bytes, savable, flops)
         runs.append([(op.name, op.seconds, op.fresh_bytes,
                       op.ok and op.fresh_bytes > 0 and all(t._version == v for t, v in op.outs), op.flops)
                      for op in recorder.ops])
-        del recorder, out
+        del recorder
     last = runs[-1]
     names = [op[0] for op in last]
+    flows = _record_dataflow(run, names)
     timed = [r for r in runs[1:] if [op[0] for op in r] == names]  # includes the last run
     dts = [statistics.median(r[k][1] for r in timed) for k in range(len(last))]
     scale = forward_s / (sum(dts) or 1e-12)
-    ops = tuple(OpCost(k, name, nbytes, dt * scale, savable, flops, **flow)
-                for k, ((name, _, nbytes, savable, flops), dt, flow) in enumerate(zip(last, dts, flows)))
+    ops = tuple(OpCost(k, name, nbytes, dt * scale, savable, flops, **(flows[k] if flows else {}))
+                for k, ((name, _, nbytes, savable, flops), dt) in enumerate(zip(last, dts)))
 
     counter = _OpCounter()
 
@@ -304,8 +299,68 @@ def _profile_ops(run: "_BlockRun", forward_s: float, repeats: int = 3) -> tuple[
     replayed = counter.count
     run.module.zero_grad(set_to_none=True)
     if seen != len(ops):
-        return (), None
-    return ops, min(replayed, len(ops))
+        return (), None, False
+    return ops, min(replayed, len(ops)), flows is not None
+
+
+def _record_dataflow(run: "_BlockRun", names: list[str]) -> list[dict] | None:
+    """Per op, what it reads and whether autograd saves or the block returns its outputs.
+
+    Recorded with every floating-point parameter and side input requiring
+    grad: autograd then saves the most it ever saves (``mm`` saves its input
+    only for its weight's gradient), so a block planned with frozen layers
+    elides nothing a later unfreezing would need. None when that forward runs
+    other ops than ``names``, or the block holds a Python ``autograd.Function``
+    (``_runs_python_functions``): the dataflow would be incomplete.
+    """
+    saved: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.add(_ptr(t))
+        return t
+
+    frozen = [p for p in run.module.parameters() if not p.requires_grad and p.is_floating_point()]
+    args, kwargs = tree_map(_requiring_grad, (run.args, run.kwargs))
+    recorder = _OpRecorder(run.device)
+    x = run.hidden()
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with recorder, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = run.raw(x, args=args, kwargs=kwargs)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    if [op.name for op in recorder.ops] != names or _runs_python_functions(outs):
+        return None
+    return _dataflow(recorder.ops, saved, {_ptr(t) for t in outs})
+
+
+def _requiring_grad(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
+        return value.detach().clone().requires_grad_(True)
+    return value
+
+
+def _runs_python_functions(outputs: list[torch.Tensor]) -> bool:
+    """Whether the block's autograd graph holds a Python ``autograd.Function``.
+
+    Such a Function may read tensors without an op the recorder sees (a Triton
+    or C++ kernel reading ``data_ptr``), so the recorded dataflow could miss a
+    reader: the block then elides nothing.
+    """
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if hasattr(fn, "_forward_cls"):
+            return True
+        stack.extend(f for f, _ in fn.next_functions)
+    return False
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -344,9 +399,9 @@ class _BlockRun:
         out, _ = fed_tensor(self.raw(x, forward))
         return out
 
-    def raw(self, x: torch.Tensor, forward=None) -> Any:
-        """The block's whole output (tuples of HF layers included)."""
-        a, k = set_slot(self.args, self.kwargs, self.slot, x)
+    def raw(self, x: torch.Tensor, forward=None, args: tuple | None = None, kwargs: dict | None = None) -> Any:
+        """The block's whole output (tuples of HF layers included); ``args``/``kwargs`` replace the side inputs."""
+        a, k = set_slot(self.args if args is None else args, self.kwargs if kwargs is None else kwargs, self.slot, x)
         return (forward or self.forward)(*a, **k)
 
 
@@ -419,7 +474,7 @@ def _measure(run: _BlockRun, repeats: int) -> BlockCost:
         _sync(run.device)
         times.append(time.perf_counter() - t0)
     forward_s = statistics.median(times[1:])
-    ops, replayed = _profile_ops(run, forward_s, repeats)
+    ops, replayed, dataflow = _profile_ops(run, forward_s, repeats)
     if ops:  # the same count as the ops' own, so a block's parts add up to its whole
         forward_flops = sum(o.flops for o in ops)
     else:
@@ -435,7 +490,7 @@ def _measure(run: _BlockRun, repeats: int) -> BlockCost:
         grad_bytes=_grad_bytes(run.module), forward_s=forward_s,
         selective_saved_bytes=max(0, selective_retained), selective_recompute_s=selective_s,
         ops=ops, replayed_ops=replayed, forward_flops=forward_flops, selective_recompute_flops=selective_flops,
-        dataflow=bool(ops))
+        dataflow=dataflow)
     ckpt_over, sac_over = _overheads(run, cost, repeats)
     return replace(cost, checkpoint_overhead_s=ckpt_over, selective_overhead_s=sac_over)
 

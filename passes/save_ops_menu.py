@@ -12,10 +12,17 @@ tensor of the right shape instead of running them.
 An op is elided when all of these hold:
 
 * its outputs are new storages, not random, not modified in place later
-  (``OpCost.savable``), and not kept;
+  (``OpCost.savable``), and not kept; it writes none of its arguments;
 * autograd saves none of them and none leaves the block (in the segment's
   last block nothing does: its output is dropped in recompute);
-* every op that reads them and runs is itself kept, elided, or a view.
+* no op that runs reads them, except views and dropout, whose mask does not
+  depend on its input (kept ops do not run in recompute).
+
+This assumes the recorded dataflow is complete: ``profile_blocks`` marks a
+block whose autograd graph holds a Python ``autograd.Function`` (which could
+read tensors through a kernel the recorder does not see) as without
+dataflow, and the runtime elides only where the forward ran the profiled op
+sequence with the same arguments requiring grad.
 
 Dropout reads its input only for its output, not for the mask autograd saves:
 when its output is not needed it still runs (to draw the same random
@@ -93,7 +100,7 @@ def replay(block: BlockCost, kept: frozenset[int], last: bool) -> Replay:
             runs.append(o)
             continue
         needed = o.saved or (o.escapes and not last) or o.index in required
-        if needed or o.random or not o.savable:
+        if needed or o.random or o.mutates or not o.savable:
             runs.append(o)
             if needed or not o.mask_only:
                 required.update(o.reads)

@@ -273,7 +273,7 @@ def test_save_ops_thresholds_split_the_savable_bytes():
     menus = SaveOpsMenus((block, block))
     levels = menus.levels(at_most=6)
     ratios = sorted({o.seconds_per_byte for o in ops if o.savable}, reverse=True)
-    assert 2 <= len(levels) <= 6 and list(levels) == sorted(levels, reverse=True)
+    assert 2 <= len(levels) <= 6 and list(levels) == sorted(levels, key=lambda lv: (-lv[0], lv[1]))
     assert levels[0][0] == pytest.approx(ratios[0])
     assert all(any(ratio == pytest.approx(r) for r in ratios) for ratio, _ in levels)
     kept = [sum(o.out_bytes for o in menus.kept(block, t, last=False)) for t in levels]
@@ -281,7 +281,6 @@ def test_save_ops_thresholds_split_the_savable_bytes():
     # as the last block of a segment, nothing after the replayed prefix is kept
     assert all(o.index < 12 for o in menus.kept(block, ALL_STEPS, last=True))
     assert not any(o.index % 5 == 4 for o in menus.kept(block, ALL_STEPS, last=False))
-    assert not menus.replay(block, ALL_STEPS, last=False).elided  # nothing is elided without a dataflow
 
 
 def _backward_flops(model, inputs, loss_fn=_logits_loss) -> int:

@@ -20,23 +20,26 @@ from zoo import ALL_CASES, ZooCase, _logits_loss, train_step
 class ParallelBlock(nn.Module):
     """GPT-J style: ``x + dropout(attn(ln x)) + mlp(ln x)``, with a linear map standing in for attention."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, native_dropout: bool = False):
         super().__init__()
         self.ln = nn.LayerNorm(dim)
         self.attn = nn.Linear(dim, dim)
         self.up = nn.Linear(dim, 4 * dim)
         self.down = nn.Linear(4 * dim, dim)
         self.drop = nn.Dropout(0.1)
+        self.native_dropout = native_dropout  # the fused op CUDA runs (on CPU nn.Dropout decomposes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln(x)
-        return x + self.drop(self.attn(h)) + self.down(torch.relu(self.up(h)))
+        a = self.attn(h)
+        a = torch.native_dropout(a, 0.1, self.training)[0] if self.native_dropout else self.drop(a)
+        return x + a + self.down(torch.relu(self.up(h)))
 
 
 class ParallelNet(nn.Module):
-    def __init__(self, dim: int = 64, n_blocks: int = 4):
+    def __init__(self, dim: int = 64, n_blocks: int = 4, native_dropout: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList(ParallelBlock(dim) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(ParallelBlock(dim, native_dropout) for _ in range(n_blocks))
         self.head = nn.Linear(dim, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,13 +48,15 @@ class ParallelNet(nn.Module):
         return self.head(x)
 
 
-def test_keeping_the_sum_elides_both_branches_exactly():
+@pytest.mark.parametrize("native_dropout", [False, True])
+def test_keeping_the_sum_elides_both_branches_exactly(native_dropout):
     """In a parallel block, keeping the residual sum lets the recompute skip both projections that
-    feed it (neither output is saved by autograd; dropout still draws its mask, from a blank input).
-    The menu takes that sum first (two matmuls for one tensor); the runtime recomputes exactly the
-    predicted FLOPs, fewer than selective checkpointing without elision, with exact gradients."""
+    feed it (neither output is saved by autograd; dropout still draws its mask, from a blank input
+    when it is the fused ``native_dropout``). The menu takes that sum first (two matmuls for one
+    tensor); the runtime recomputes exactly the predicted FLOPs, fewer than selective checkpointing
+    without elision, with exact gradients."""
     torch.manual_seed(0)
-    model = ParallelNet().train()
+    model = ParallelNet(native_dropout=native_dropout).train()
     inputs = (torch.randn(32, 64),)
     _, _, analysis = analyse_model(model, inputs, "checkpoint")
     (chain,) = analysis.chains
@@ -155,3 +160,87 @@ def test_time_priced_menus_elide_exactly_on_transformers(name):
         assert _backward_flops(rmodel, case.example_inputs, case.loss_fn) - base == predicted, level
         out_b, _, grads_b = train_step(rmodel, replace(case, model=rmodel))
         assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a), level
+
+
+def test_a_frozen_layer_planned_then_unfrozen_stays_exact():
+    """Blocks ``x + down(gelu(up(x)))`` planned with ``down`` frozen, keeping its output: autograd
+    would not save gelu's output for a frozen ``down``, but the dataflow is recorded as if every
+    parameter required grad, so gelu is not elided and training after unfreezing stays exact."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(32, 128), nn.Linear(128, 32)
+
+        def forward(self, x):
+            return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Net().train()
+    inputs = (torch.randn(16, 32),)
+    for b in model.blocks:
+        b.down.requires_grad_(False)
+    _, _, analysis = analyse_model(model, inputs, "checkpoint")
+    (chain,) = analysis.chains
+    (prof,) = profile_chains(model, [chain], repeats=1)
+    block = prof.blocks[0]
+    assert block.dataflow
+    down = max(o.index for o in block.ops if o.name == "aten.addmm.default")
+    assert not any(o.name == "aten.gelu.default" for o in replay(block, frozenset({down}), last=False).elided)
+    for b in model.blocks:
+        b.down.requires_grad_(True)
+    saved = tuple(((down, "aten.addmm.default"),) for _ in prof.blocks)
+    rmodel, _ = rewrite_checkpoint(model, [ChainPlan(chain, (Segment(0, len(prof.blocks), "save_ops", saved),),
+                                                     "budget")])
+    case = ZooCase("frozen", model, inputs, _logits_loss, 8)
+    out_a, _, grads_a = train_step(model, case)
+    out_b, _, grads_b = train_step(rmodel, replace(case, model=rmodel))
+    assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+
+
+def test_a_python_autograd_function_turns_the_dataflow_off():
+    """A Python ``autograd.Function`` may read tensors through a kernel no dispatch mode sees, so a
+    block holding one elides nothing."""
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return x + Double.apply(self.fc(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    model = Net().train()
+    inputs = (torch.randn(16, 32),)
+    _, _, analysis = analyse_model(model, inputs, "checkpoint")
+    (prof,) = profile_chains(model, list(analysis.chains), repeats=1)
+    assert prof.blocks[0].ops and not prof.blocks[0].dataflow

@@ -180,11 +180,6 @@ def _op_name(func) -> str:
 OpLists = tuple[tuple[tuple[int, str], ...], ...]
 
 
-def op_digest(names: Iterable[str]) -> int:
-    """A checksum of a block's op sequence: elision applies only to the sequence it was planned on."""
-    return zlib.crc32("\n".join(names).encode())
-
-
 @dataclass(frozen=True)
 class _Blank:
     """Shape of an elided op's output tensor, recorded in forward."""
@@ -193,6 +188,31 @@ class _Blank:
     stride: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+
+
+def op_digest(names: Iterable[str]) -> int:
+    """A checksum of a block's op sequence: elision applies only to the sequence it was planned on."""
+    return zlib.crc32("\n".join(names).encode())
+
+
+def _blank_of(t: torch.Tensor) -> _Blank | None:
+    """The shape to hand back for ``t`` in recompute; None when a fresh blank could not stand in for it
+    (a subclass, or a view into a larger or offset storage)."""
+    if type(t) is not torch.Tensor or t.storage_offset() != 0:
+        return None
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+    if t.untyped_storage().nbytes() != span * t.element_size():
+        return None
+    return _Blank(tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Hooks on a block's modules run again in recompute and could read an elided op's blank."""
+    from torch.nn.modules import module as module_mod
+
+    if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 class SaveListedOps:
@@ -212,16 +232,18 @@ class SaveListedOps:
     outputs, and ``_ElideDeadOps`` hands back uninitialised tensors of those
     shapes in recompute. Which ops are dead depends on the whole block's
     dataflow, so a block elides only when its forward ran exactly the op
-    sequence it was planned on (``digests``, one ``op_digest`` per block);
-    otherwise its recompute runs every op: slower, never wrong.
+    sequence it was planned on (``digests``, one ``op_digest`` per block,
+    None: do not elide there); otherwise its recompute runs every op. The
+    plan assumed every parameter may require grad (``profile_blocks``), so
+    unfreezing layers later does not make an elided op needed.
     """
 
     def __init__(self, saved_ops: OpLists, elided_ops: OpLists | None = None,
-                 digests: tuple[int, ...] | None = None):
+                 digests: tuple[int | None, ...] | None = None):
         self.saved = [dict(ops) for ops in saved_ops]
         self.elided = [dict(ops) for ops in elided_ops] if elided_ops else [{} for _ in saved_ops]
         self.digests = digests
-        self.block = 0
+        self.block: int | None = 0  # None between blocks: ops there belong to no block
         self.index = 0
         # per block, filled in forward: every op's name, the ops not saved in order (what the
         # recompute runs), and the output shapes of those to elide
@@ -234,9 +256,14 @@ class SaveListedOps:
     def elides_in(self, block: int) -> bool:
         """Whether the recompute of ``block`` may elide: its forward ran the op sequence of the plan."""
         if block not in self.checked:
-            self.checked[block] = (self.digests is not None and bool(self.blanks[block])
-                                   and op_digest(self.names[block]) == self.digests[block])
+            expected = self.digests[block] if self.digests is not None else None
+            self.checked[block] = (expected is not None and bool(self.blanks[block])
+                                   and op_digest(self.names[block]) == expected)
         return self.checked[block]
+
+    def pause(self) -> None:
+        """Ops until the next ``enter`` (the segment's own buffer copies) belong to no block."""
+        self.block = None
 
     @property
     def elides(self) -> bool:
@@ -246,19 +273,24 @@ class SaveListedOps:
         self.block, self.index, self.replayed = block, 0, 0
 
     def __call__(self, ctx, func, *args, **kwargs) -> CheckpointPolicy:
-        # torch calls the policy in the forward only; the recompute replays its decisions
+        # torch 2.13 calls the policy in the forward only; the recompute replays its decisions
+        block = self.block
+        if block is None or getattr(ctx, "is_recompute", False):
+            return CheckpointPolicy.PREFER_RECOMPUTE
         index = self.index
         self.index += 1
         name = _op_name(func)
-        self.names[self.block].append(name)
-        if self.saved[self.block].get(index) == name:
+        elides = bool(self.elided[block])
+        if elides:
+            self.names[block].append(name)
+        if self.saved[block].get(index) == name:
             return CheckpointPolicy.MUST_SAVE
-        self.recomputed[self.block].append((index, name))
-        if self.elided[self.block].get(index) == name:
+        self.recomputed[block].append((index, name))
+        if elides and self.elided[block].get(index) == name and hasattr(ctx, "op_output"):
             leaves, spec = tree_flatten(ctx.op_output)
-            self.blanks[self.block][index] = (spec, [
-                _Blank(tuple(t.shape), tuple(t.stride()), t.dtype, t.device) if isinstance(t, torch.Tensor) else t
-                for t in leaves])
+            blanks = [_blank_of(t) if isinstance(t, torch.Tensor) else t for t in leaves]
+            if not any(b is None for b, t in zip(blanks, leaves) if isinstance(t, torch.Tensor)):
+                self.blanks[block][index] = (spec, blanks)
         return CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -279,6 +311,8 @@ class _ElideDeadOps(TorchDispatchMode):
         if func in SAC_IGNORED_OPS:
             return func(*args, **kwargs)
         p = self.policy
+        if p.block is None:
+            return func(*args, **kwargs)
         n, p.replayed = p.replayed, p.replayed + 1
         order = p.recomputed[p.block]
         if n < len(order) and order[n][1] == _op_name(func) and p.elides_in(p.block):
@@ -292,7 +326,9 @@ class _ElideDeadOps(TorchDispatchMode):
 
 def _selective_contexts(policy: SaveListedOps) -> tuple[Any, Any]:
     forward, recompute = create_selective_checkpoint_contexts(policy)
-    if not policy.elides:
+    # the last block's elisions assume early stopping: ops past it would read blanks
+    early_stop = torch.utils.checkpoint._enable_checkpoint_early_stop is not False
+    if not policy.elides or not early_stop:
         return forward, recompute
     return forward, _stacked(_ElideDeadOps(policy), recompute)
 
@@ -382,11 +418,16 @@ class CheckpointSegment:
         """The checkpoint policy for one call; ``save_ops`` needs a fresh counter per call."""
         if self.policy != "save_ops":
             return self.policy
-        policy = SaveListedOps(self.saved_ops, self.elided_ops, self.op_digests)
+        digests = self.op_digests
+        if digests is not None:  # checked per call: hooks can be added after conversion
+            digests = tuple(None if _has_forward_hooks(b) else d for b, d in zip(self.blocks, digests))
+        policy = SaveListedOps(self.saved_ops, self.elided_ops, digests)
         policy.enter(first_block)
         return policy
 
     def _run_all(self, state: _RunState, policy: str | SaveListedOps, *args: Any, **kwargs: Any) -> list[Any]:
+        if isinstance(policy, SaveListedOps):
+            policy.pause()
         state.calls += 1
         if state.calls == 1:
             state.buffers_before = [m._buffers[n].detach().clone() for m, n in self.mutated_buffers]
