@@ -195,10 +195,13 @@ class SaveOpsMenus:
 OpList = tuple[tuple[tuple[int, str], ...], ...]
 
 
-def save_ops_plan(blocks: tuple[BlockCost, ...], i: int, j: int, level: Level, pricing: Pricing = Pricing()
-                  ) -> tuple[OpList, OpList | None, tuple[int, ...] | None]:
-    """``Segment.saved_ops``, ``.elided_ops`` and ``.op_digests`` of a ``save_ops`` option (None: nothing elided)."""
-    menus = SaveOpsMenus(blocks[i:j], pricing)
+def save_ops_plan(blocks: tuple[BlockCost, ...], i: int, j: int, level: Level, pricing: Pricing = Pricing(),
+                  menus: SaveOpsMenus | None = None) -> tuple[OpList, OpList | None, tuple[int, ...] | None]:
+    """``Segment.saved_ops``, ``.elided_ops`` and ``.op_digests`` of a ``save_ops`` option (None: nothing elided).
+
+    ``menus``: the chain's, when the caller has them (a menu costs O(ops³) to build), else built here.
+    """
+    menus = SaveOpsMenus(blocks[i:j], pricing) if menus is None else menus
     saved, elided = [], []
     for k in range(i, j):
         last = k == j - 1

@@ -43,7 +43,8 @@ from torch import nn
 
 from revify.units import format_bytes
 
-from .chain_costs import POLICY_OPTIONS, ChainBases, Pricing, ReversibleCost, chain_options, save_ops_plan
+from .chain_costs import (POLICY_OPTIONS, ChainBases, Pricing, ReversibleCost, SaveOpsMenus, chain_options,
+                          save_ops_plan)
 from .find_chains import Chain
 from .plan_checkpoint import ChainPlan, Segment, plan_checkpoint
 from .plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
@@ -225,14 +226,19 @@ def recompute_of(options: tuple[Option, ...] | list[Option]) -> tuple[float, flo
 def segments_of(options: tuple[Option, ...] | list[Option], prof: ChainProfile, chain_index: int) -> tuple[Segment, ...]:
     """The checkpoint segments a solution's options stand for on one chain (kept runs are not segments)."""
     segments = []
+    menus: dict[str, SaveOpsMenus] = {}  # per pricing unit: built once for the chain, not per segment
     for o in options:
         policy = o.label[0]
         if o.label[1] != chain_index or policy in ("keep", "reversible"):
             continue
         start, end = o.label[2], o.label[3]
-        # label: ("save_ops", chain, start, end, menu level, unit the menus were ranked in)
-        lists = (save_ops_plan(prof.blocks, start, end, o.label[4], Pricing(o.label[5]))
-                 if policy == "save_ops" else ())
+        lists: tuple = ()
+        if policy == "save_ops":
+            # label: ("save_ops", chain, start, end, menu level, unit the menus were ranked in)
+            unit = o.label[5]
+            if unit not in menus:
+                menus[unit] = SaveOpsMenus(prof.blocks, Pricing(unit))
+            lists = save_ops_plan(prof.blocks, start, end, o.label[4], Pricing(unit), menus[unit])
         segments.append(Segment(start, end, policy, *lists))
     return tuple(segments)
 
