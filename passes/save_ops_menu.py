@@ -18,11 +18,12 @@ An op is elided when all of these hold:
 * no op that runs reads them, except views and dropout, whose mask does not
   depend on its input (kept ops do not run in recompute).
 
-This assumes the recorded dataflow is complete: ``profile_blocks`` marks a
-block whose autograd graph holds a Python ``autograd.Function`` (which could
-read tensors through a kernel the recorder does not see) as without
-dataflow, and the runtime elides only where the forward ran the profiled op
-sequence with the same arguments requiring grad.
+This assumes the recorded dataflow is complete and still true at run time:
+``profile_blocks`` records it with every parameter requiring grad (the most
+autograd saves), marks a block whose autograd graph holds a Python
+``autograd.Function`` (which could read tensors through a kernel the
+recorder does not see) as without dataflow, and the runtime elides only
+where the forward ran the profiled op sequence.
 
 Dropout reads its input only for its output, not for the mask autograd saves:
 when its output is not needed it still runs (to draw the same random

@@ -48,6 +48,26 @@ class ParallelNet(nn.Module):
         return self.head(x)
 
 
+class _Stack(nn.Module):
+    """Three blocks in a row: the chain the analysis finds."""
+
+    def __init__(self, make_block):
+        super().__init__()
+        self.blocks = nn.ModuleList(make_block() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def _assert_trains_like(reference: tuple, rmodel: nn.Module, case: ZooCase, where: object = None) -> None:
+    """``rmodel`` gives the output and gradients of ``reference`` (``train_step`` of the original)."""
+    out_a, _, grads_a = reference
+    out_b, _, grads_b = train_step(rmodel, replace(case, model=rmodel))
+    assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a), where
+
+
 @pytest.mark.parametrize("native_dropout", [False, True])
 def test_keeping_the_sum_elides_both_branches_exactly(native_dropout):
     """In a parallel block, keeping the residual sum lets the recompute skip both projections that
@@ -76,7 +96,7 @@ def test_keeping_the_sum_elides_both_branches_exactly(native_dropout):
     predicted = sum(menus.replay(b, level, k == len(prof.blocks) - 1).flops for k, b in enumerate(prof.blocks))
     base = _backward_flops(model, inputs)
     case = ZooCase("parallel", model, inputs, _logits_loss, 8)
-    out_a, _, grads_a = train_step(model, case)
+    reference = train_step(model, case)
     flops = {}
     # a forward whose ops differ from the planned ones (here: a wrong checksum) must not elide
     stale = tuple(d ^ 1 for d in digests)
@@ -85,8 +105,7 @@ def test_keeping_the_sum_elides_both_branches_exactly(native_dropout):
         segment = Segment(0, len(prof.blocks), "save_ops", saved, elide, digest)
         rmodel, _ = rewrite_checkpoint(model, [ChainPlan(chain, (segment,), "budget")])
         flops[name] = _backward_flops(rmodel, inputs) - base
-        out_b, _, grads_b = train_step(rmodel, replace(case, model=rmodel))
-        assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a), name
+        _assert_trains_like(reference, rmodel, case, name)
     assert flops["elided"] == predicted
     assert flops["elided"] < flops["replayed"] == flops["stale"]
 
@@ -121,7 +140,7 @@ def test_elision_lowers_the_least_flops_on_a_parallel_residual_transformer():
     least = min_budget(with_elision)[1].peak
     everything = solve(with_elision, 1 << 40).peak
     case = ZooCase("neox", model, inputs, loss_fn, 8)
-    out_a, _, grads_a = train_step(model, case)
+    reference = train_step(model, case)
     base = _backward_flops(model, inputs, loss_fn)
     gains = []
     for frac in (0.1, 0.3, 0.5, 0.7):
@@ -131,8 +150,7 @@ def test_elision_lowers_the_least_flops_on_a_parallel_residual_transformer():
         gains.append(recompute_of(blind_sol.options)[1] - flops)
         rmodel, _ = rewrite_checkpoint(model, checkpoint_plans(sol, profiles))
         assert _backward_flops(rmodel, inputs, loss_fn) - base == flops, frac
-        out_b, _, grads_b = train_step(rmodel, replace(case, model=rmodel))
-        assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a), frac
+        _assert_trains_like(reference, rmodel, case, frac)
     assert min(gains) >= 0 and max(gains) > 0, gains
 
 
@@ -152,14 +170,13 @@ def test_time_priced_menus_elide_exactly_on_transformers(name):
     eliding = [(level, lists) for level, lists in plans if lists[1] is not None]
     assert eliding, "no level elides"
     base = _backward_flops(case.model, case.example_inputs, case.loss_fn)
-    out_a, _, grads_a = train_step(case.model, case)
+    reference = train_step(case.model, case)
     for level, lists in {id(x): x for x in (eliding[0], eliding[-1])}.values():
         predicted = sum(menus.replay(b, level, k == n - 1).flops for k, b in enumerate(prof.blocks))
         rmodel, _ = rewrite_checkpoint(case.model, [ChainPlan(prof.chain, (Segment(0, n, "save_ops", *lists),),
                                                               "budget")])
         assert _backward_flops(rmodel, case.example_inputs, case.loss_fn) - base == predicted, level
-        out_b, _, grads_b = train_step(rmodel, replace(case, model=rmodel))
-        assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a), level
+        _assert_trains_like(reference, rmodel, case, level)
 
 
 def test_a_frozen_layer_planned_then_unfrozen_stays_exact():
@@ -175,18 +192,8 @@ def test_a_frozen_layer_planned_then_unfrozen_stays_exact():
         def forward(self, x):
             return x + self.down(torch.nn.functional.gelu(self.up(x)))
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList(Block() for _ in range(3))
-
-        def forward(self, x):
-            for b in self.blocks:
-                x = b(x)
-            return x
-
     torch.manual_seed(0)
-    model = Net().train()
+    model = _Stack(Block).train()
     inputs = (torch.randn(16, 32),)
     for b in model.blocks:
         b.down.requires_grad_(False)
@@ -203,9 +210,7 @@ def test_a_frozen_layer_planned_then_unfrozen_stays_exact():
     rmodel, _ = rewrite_checkpoint(model, [ChainPlan(chain, (Segment(0, len(prof.blocks), "save_ops", saved),),
                                                      "budget")])
     case = ZooCase("frozen", model, inputs, _logits_loss, 8)
-    out_a, _, grads_a = train_step(model, case)
-    out_b, _, grads_b = train_step(rmodel, replace(case, model=rmodel))
-    assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    _assert_trains_like(train_step(model, case), rmodel, case)
 
 
 def test_a_python_autograd_function_turns_the_dataflow_off():
@@ -229,17 +234,7 @@ def test_a_python_autograd_function_turns_the_dataflow_off():
         def forward(self, x):
             return x + Double.apply(self.fc(x))
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList(Block() for _ in range(3))
-
-        def forward(self, x):
-            for b in self.blocks:
-                x = b(x)
-            return x
-
-    model = Net().train()
+    model = _Stack(Block).train()
     inputs = (torch.randn(16, 32),)
     _, _, analysis = analyse_model(model, inputs, "checkpoint")
     (prof,) = profile_chains(model, list(analysis.chains), repeats=1)

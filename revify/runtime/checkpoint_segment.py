@@ -308,10 +308,8 @@ class _ElideDeadOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in SAC_IGNORED_OPS:
-            return func(*args, **kwargs)
         p = self.policy
-        if p.block is None:
+        if func in SAC_IGNORED_OPS or p.block is None:  # ops the policy did not count
             return func(*args, **kwargs)
         n, p.replayed = p.replayed, p.replayed + 1
         order = p.recomputed[p.block]
