@@ -192,8 +192,10 @@ def run_model(name: str, args) -> list[str]:
             if sol is None or sol.options in seen:
                 continue
             seen.add(sol.options)
-            m, _ = rewrite_checkpoint(model, checkpoint_plans(sol, profiles))
-            measure(f"{_prefix(kind, unit)} budget {format_bytes(budget)}", "eager", m,
+            plans = checkpoint_plans(sol, profiles)
+            m, _ = rewrite_checkpoint(model, plans)
+            stem = " +stem" if any(p.stem for p in plans) else ""  # the stem recomputed with segment 0
+            measure(f"{_prefix(kind, unit)} budget {format_bytes(budget)}{stem}", "eager", m,
                     (sol.peak, *recompute_of(sol.options), budget))
     # a mid-sweep budget through the public call: it profiles again, so its per-op times differ from
     # the sweep's, but the least FLOPs under the budget must not
@@ -205,7 +207,8 @@ def run_model(name: str, args) -> list[str]:
     same = "the same" if b.predicted_recompute_flops == mid[7][2] else "NOT the same"
     print(f"  revify() public call at the budget of '{mid[0]}': least {b.recompute_cost}, predicted "
           f"{b.predicted_recompute_flops / 1e9:.2f} GFLOP, the sweep's plan {mid[7][2] / 1e9:.2f} — {same}; "
-          f"segments {[s.describe() for cp in public.revify_plan.chains for s in cp.segments]}")
+          f"segments {[s.describe() for cp in public.revify_plan.chains for s in cp.segments]}, stems "
+          f"{[cp.stem for cp in public.revify_plan.chains]}")
     return _table(name, args, rows, plan_s, smallest_of)
 
 
@@ -247,7 +250,7 @@ def _table(name: str, args, rows, plan_s: float, smallest: dict[tuple[str, str],
     out = [f"{desc}, fp32, {torch.get_num_threads()} CPU threads — measured, except columns marked pred",
            f"planner: profiled in {plan_s:.1f} s; smallest feasible budgets (predicted): peak "
            f"{format_bytes(smallest['peak', 'time'])}, activations {format_bytes(smallest['activations', 'time'])}",
-           f"{'variant':40} {'kept':>10} {'/plain':>6} {'saved':>10} {'peak':>10} {'/plain':>6} {'pred':>10} "
+           f"{'variant':54} {'kept':>10} {'/plain':>6} {'saved':>10} {'peak':>10} {'/plain':>6} {'pred':>10} "
            f"{'step':>8} {'xbase':>6} {'xeager':>6} {'pred recompute':>14} {'pred GF':>8} {'re-GFLOP':>8}"]
     for label, family, kept, saved, peak, step_s, ratio, predicted, flops in rows:
         xbase = ratio if family == "eager" else ratio / base_compile[6]
@@ -257,7 +260,7 @@ def _table(name: str, args, rows, plan_s: float, smallest: dict[tuple[str, str],
         pred_flops = f"{predicted[2] / 1e9:8.2f}" if predicted else f"{'-':>8}"
         peak_s = format_bytes(peak) if peak is not None else "n/a"
         peak_r = f"{peak / plain[4]:6.3f}" if peak is not None else f"{'':6}"
-        out.append(f"{label:40} {format_bytes(kept):>10} {kept / plain[2]:6.3f} {format_bytes(saved):>10} "
+        out.append(f"{label:54} {format_bytes(kept):>10} {kept / plain[2]:6.3f} {format_bytes(saved):>10} "
                    f"{peak_s:>10} {peak_r} {pred:>10} {step_s * 1e3:6.0f}ms {xbase:6.2f} {ratio:6.2f} {pred_cost:>14} "
                    f"{pred_flops} {(flops - base_flops) / 1e9:8.2f}")
     out.append("kept: bytes alive when backward starts (eager; compile: saved-tensor bytes); pred: the planner's "

@@ -11,7 +11,10 @@ the chain (``profile_step``):
   block, the steps of the block's menu (``save_ops_menu``) up to that level
   (a recompute saved per byte, in seconds or FLOPs), and its recompute
   elides the ops nothing then needs;
-* ``reversible`` (whole chain): two streams kept, blocks reconstructed.
+* ``reversible`` (whole chain): two streams kept, blocks reconstructed;
+* ``stem``: a checkpointed segment at block 0 that recomputes the chain's
+  stem (``profile_stem``) instead of keeping its input, and frees what the
+  stem saves.
 
 Recompute time counts early stopping: the last block of a segment is
 replayed only up to its last op whose inputs backward needs
@@ -45,12 +48,13 @@ After::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 
 from revify.runtime.checkpoint_segment import op_digest
 
 from .profile_blocks import BlockCost, OpCost
+from .profile_stem import StemCost
 from .save_ops_menu import MenuStep, Replay, kept_at, replay, save_ops_menu
 from .solve_schedule import Option
 
@@ -233,8 +237,14 @@ def _sums(values: list[float]) -> list[float]:
 
 def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int, chain_index: int,
                   policies: tuple[str, ...] = POLICY_OPTIONS, max_segment: int | None = None,
-                  reversible: ReversibleCost | None = None, pricing: Pricing = Pricing()) -> list[Option]:
-    """Every option for every stretch of one chain, at global positions ``offset + i``."""
+                  reversible: ReversibleCost | None = None, pricing: Pricing = Pricing(),
+                  stem: StemCost | None = None) -> list[Option]:
+    """Every option for every stretch of one chain, at global positions ``offset + i``.
+
+    With a ``stem``, the bases leave out what the stem saves: every option at
+    block 0 keeps it (until the stem's own backward, after the option's),
+    except the stem variants of checkpointed segments.
+    """
     runs = _Runs(blocks)
     n = len(blocks)
     options = []
@@ -251,8 +261,23 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
 
     def priced(start: int, end: int, keep: int, need: int, seconds: float, flops: float, label: tuple) -> Option:
         return Option(start, end, keep, need, pricing.price(seconds, flops), label, (seconds, flops))
-    for i in range(n):
+
+    saved = stem.saved_bytes if stem is not None else 0
+
+    def emit(i: int, j: int, keep: int, fwd: int, bwd: int, seconds: float, flops: float, label: tuple,
+             checkpointed: bool) -> None:
+        """The option for blocks [i, j); at block 0 with a stem, also its stem variant (``_stem_variant``)."""
         extra = bases.start_need if i == 0 else 0
+        if i > 0 or stem is None:
+            options.append(priced(offset + i, offset + j, keep, max(fwd, bwd, extra), seconds, flops, label))
+            return
+        # what the stem saves stays alive until its own backward, after this stretch's
+        options.append(priced(offset, offset + j, keep + saved, max(fwd, bwd + saved, extra), seconds, flops, label))
+        if checkpointed:
+            options.append(_stem_variant(stem, blocks[0].input_bytes, bases, keep, max(fwd, bwd, extra), seconds,
+                                         flops, label, offset, j, pricing))
+
+    for i in range(n):
         top = n if max_segment is None else min(n, i + max_segment)
         x = blocks[i].input_bytes
         # a segment's own input is in ``kept(i, …)`` when block i saves it; count it once
@@ -262,14 +287,12 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
             if "keep" in policies:
                 kept_before = [runs.kept(i, k) for k in range(i, j)]
                 fwd = bases.base_f + runs.forward_need(i, j, kept_before)
-                options.append(priced(offset + i, offset + j, runs.kept(i, j), max(fwd, bwd, extra), 0.0, 0.0,
-                                      ("keep", chain_index, i, j)))
+                emit(i, j, runs.kept(i, j), fwd, bwd, 0.0, 0.0, ("keep", chain_index, i, j), False)
             if "recompute" in policies:
                 fwd = bases.base_f + x + runs.forward_need(i, j, [0] * (j - i))
                 seconds = full[j - 1] - full[i] + blocks[j - 1].replay_s + ckpt_over[j] - ckpt_over[i]
                 flops = full_f[j - 1] - full_f[i] + blocks[j - 1].replay_flops
-                options.append(priced(offset + i, offset + j, x, max(fwd, bwd + own, extra), seconds, flops,
-                                      ("recompute", chain_index, i, j)))
+                emit(i, j, x, fwd, bwd + own, seconds, flops, ("recompute", chain_index, i, j), True)
             if "save_matmuls" in policies:
                 cached = [sum(b.selective_saved_bytes for b in blocks[i:k]) for k in range(i, j)]
                 fwd = bases.base_f + x + runs.forward_need(i, j, cached)
@@ -277,8 +300,7 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
                 seconds = (matmul_free[j - 1] - matmul_free[i] + blocks[j - 1].selective_replay_s
                            + sac_over[j] - sac_over[i])
                 flops = matmul_free_f[j - 1] - matmul_free_f[i] + blocks[j - 1].selective_replay_flops
-                options.append(priced(offset + i, offset + j, keep, max(fwd, bwd + own, extra), seconds, flops,
-                                      ("save_matmuls", chain_index, i, j)))
+                emit(i, j, keep, fwd, bwd + own, seconds, flops, ("save_matmuls", chain_index, i, j), True)
             for t in thresholds:
                 per_block = [selective.inner[k, t] for k in range(i, j - 1)] + [selective.last[j - 1, t]]
                 cached = [0]
@@ -288,11 +310,31 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
                 keep = x + sum(kept for kept, _, _ in per_block)
                 seconds = sum(s for _, s, _ in per_block) + sac_over[j] - sac_over[i]
                 flops = sum(f for _, _, f in per_block)
-                options.append(priced(offset + i, offset + j, keep, max(fwd, bwd + own, extra), seconds, flops,
-                                      ("save_ops", chain_index, i, j, t, pricing.unit)))
+                emit(i, j, keep, fwd, bwd + own, seconds, flops, ("save_ops", chain_index, i, j, t, pricing.unit),
+                     True)
     if reversible is not None and n >= 2:
-        options.append(_reversible_option(blocks, bases, offset, chain_index, runs, reversible, pricing))
+        rev = _reversible_option(blocks, bases, offset, chain_index, runs, reversible, pricing)
+        options.append(replace(rev, keep=rev.keep + saved, need=rev.need + saved))
     return options
+
+
+def _stem_variant(stem: StemCost, hidden_bytes: int, bases: ChainBases, keep: int, need: int, seconds: float,
+                  flops: float, label: tuple, offset: int, end: int, pricing: Pricing) -> Option:
+    """A checkpointed segment at block 0 that recomputes the chain's stem instead of keeping its input.
+
+    It keeps the stem's arguments instead of the segment's input and the
+    stem's saved tensors, and runs the stem again in backward: once to
+    rebuild the input, once (in part) for the stem's own gradients
+    (``runtime/checkpoint_stem``). Label ``("stem", chain, 0, end, inner
+    label)``. Its need is the plain segment's without the stem's saved
+    tensors (the forward part, measured with them alive, still counts them:
+    it errs high), at least the rebuild's (the input and the stem's forward
+    transient), plus the arguments held.
+    """
+    rebuild = bases.base_b + hidden_bytes + stem.forward_transient
+    cost = (seconds + stem.recompute_s, flops + stem.recompute_flops)
+    return Option(offset, offset + end, keep - hidden_bytes + stem.held_bytes, max(need, rebuild) + stem.held_bytes,
+                  pricing.price(*cost), ("stem", label[1], 0, end, label), cost)
 
 
 def _reversible_option(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int, chain_index: int,

@@ -22,6 +22,7 @@ so ``inspect`` can say why a stage was left alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -29,6 +30,9 @@ from .capture import BlockGraph, capture_block_graph
 from .check_legality import Legality, check_legality
 from .find_residual_blocks import ResidualSpine, residual_spine
 from .record_calls import CallRecord, CallTrace
+
+if TYPE_CHECKING:
+    from .find_stem import StemInfo
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class BlockInfo:
 class Chain:
     parent: str
     blocks: tuple[BlockInfo, ...]
+    stem: StemInfo | None = None  # what produced the first block's input (``find_stem``)
 
 
 @dataclass(frozen=True)

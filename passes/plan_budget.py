@@ -3,11 +3,13 @@
 Pipeline of the planner (each step its own file):
 
 1. ``profile_blocks``: each distinct block measured standalone (bytes kept,
-   transients, gradients, forward time, what selective checkpointing keeps);
+   transients, gradients, forward time, what selective checkpointing keeps),
+   and each chain's stem (``profile_stem``: what recomputing it frees);
 2. ``profile_step``: one step of a reference conversion (every block
    checkpointed alone) measured phase by phase around the chains;
 3. ``chain_costs``: options per stretch of blocks (keep, recompute,
-   save_matmuls, reversible), with the memory each adds and needs;
+   save_matmuls, save_ops, reversible; a segment at block 0 also with the
+   stem recomputed), with the memory each adds and needs;
 4. ``solve_schedule``: the exact DP for the least recompute under the budget.
 
 Recompute is measured seconds by default (``recompute_cost="time"``), or
@@ -159,13 +161,15 @@ def build_problem(profiles: list[ChainProfile], step: StepProfile, *, policies: 
     pricing = Pricing(recompute_cost)
     if budget_for not in BUDGET_FOR:
         raise ValueError(f"unknown budget_for {budget_for!r}; choose one of {', '.join(BUDGET_FOR)}")
-    ref_kept = [sum(b.input_bytes for b in p.blocks) for p in profiles]  # every block its own segment
+    # every block its own segment, and the stem as written
+    ref_kept = [sum(b.input_bytes for b in p.blocks) + (p.stem.saved_bytes if p.stem else 0) for p in profiles]
     bases, final_need = _bases(step, ref_kept)
     options: list[Option] = []
     offset = 0
     for c, (prof, base) in enumerate(zip(profiles, bases)):
         rev = reversible[c] if reversible else None
-        options += chain_options(prof.blocks, base, offset, c, policies, reversible=rev, pricing=pricing)
+        options += chain_options(prof.blocks, base, offset, c, policies, reversible=rev, pricing=pricing,
+                                 stem=prof.stem)
         offset += len(prof.blocks)
     if budget_for == "activations":
         loss = step.find("loss")
@@ -228,24 +232,34 @@ def segments_of(options: tuple[Option, ...] | list[Option], prof: ChainProfile, 
     segments = []
     menus: dict[str, SaveOpsMenus] = {}  # per pricing unit: built once for the chain, not per segment
     for o in options:
-        policy = o.label[0]
-        if o.label[1] != chain_index or policy in ("keep", "reversible"):
+        if o.label[1] != chain_index:
             continue
-        start, end = o.label[2], o.label[3]
+        label = o.label[4] if o.label[0] == "stem" else o.label  # the segment the stem is recomputed with
+        policy = label[0]
+        if policy in ("keep", "reversible"):
+            continue
+        start, end = label[2], label[3]
         lists: tuple = ()
         if policy == "save_ops":
             # label: ("save_ops", chain, start, end, menu level, unit the menus were ranked in)
-            unit = o.label[5]
+            unit = label[5]
             if unit not in menus:
                 menus[unit] = SaveOpsMenus(prof.blocks, Pricing(unit))
-            lists = save_ops_plan(prof.blocks, start, end, o.label[4], Pricing(unit), menus[unit])
+            lists = save_ops_plan(prof.blocks, start, end, label[4], Pricing(unit), menus[unit])
         segments.append(Segment(start, end, policy, *lists))
     return tuple(segments)
 
 
+def stem_of(options: tuple[Option, ...] | list[Option], prof: ChainProfile, chain_index: int) -> str | None:
+    """``ChainPlan.stem``: the stem's path if the solution recomputes it with the chain's first segment."""
+    chosen = any(o.label[0] == "stem" and o.label[1] == chain_index for o in options)
+    return prof.stem.path if chosen and prof.stem is not None else None
+
+
 def checkpoint_plans(solution: Solution, profiles: list[ChainProfile]) -> list[ChainPlan]:
     """One ``ChainPlan`` per chain for a solution without reversible chains (benchmarks, tests)."""
-    return [ChainPlan(p.chain, segments_of(solution.options, p, c), "budget") for c, p in enumerate(profiles)]
+    return [ChainPlan(p.chain, segments_of(solution.options, p, c), "budget", stem=stem_of(solution.options, p, c))
+            for c, p in enumerate(profiles)]
 
 
 def _plans_from(solution: Solution, profiles: list[ChainProfile],
@@ -265,7 +279,8 @@ def _plans_from(solution: Solution, profiles: list[ChainProfile],
                 setattr(rp, k, v)
             revs.append(rp)
             continue
-        chains.append(ChainPlan(prof.chain, segments_of(mine, prof, c), "budget", **predicted))
+        chains.append(ChainPlan(prof.chain, segments_of(mine, prof, c), "budget", **predicted,
+                                stem=stem_of(mine, prof, c)))
     return chains, revs
 
 

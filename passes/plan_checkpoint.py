@@ -89,6 +89,13 @@ class ChainPlan:
     predicted_peak_bytes: int | None = None  # the step's peak
     predicted_recompute_s: float | None = None
     recompute_fraction: float | None = None  # recompute time / the chain's forward time
+    # path of the chain's stem (``find_stem``), recomputed with the segment that starts at block 0
+    # instead of that segment keeping its input; None: the stem runs as written
+    stem: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.stem is not None and not any(s.start == 0 for s in self.segments):
+            raise ValueError(f"stem {self.stem!r} needs a segment that starts at the chain's first block")
 
     @property
     def block_paths(self) -> list[str]:

@@ -60,6 +60,7 @@ from revify.measure import LiveStorageTracker
 from revify.runtime.checkpoint_segment import _SAVED_BY_SAVE_MATMULS, _checkpoint
 
 from .find_chains import BlockInfo, Chain
+from .profile_stem import StemCost, profile_stem
 from .record_calls import fed_tensor, get_slot, set_slot
 
 
@@ -542,10 +543,11 @@ def _overheads(run: _BlockRun, cost: BlockCost, repeats: int) -> tuple[float, fl
 class ChainProfile:
     chain: Chain
     blocks: tuple[BlockCost, ...]
+    stem: StemCost | None = None  # the chain's stem, if it has one (``profile_stem``)
 
 
 def profile_chains(model: nn.Module, chains: list[Chain] | tuple[Chain, ...], repeats: int = 3) -> list[ChainProfile]:
-    """One ``BlockCost`` per block of every chain; identical blocks are measured once."""
+    """One ``BlockCost`` per block of every chain (identical blocks are measured once), and its stem's cost."""
     measured: dict[tuple, BlockCost] = {}
     profiles = []
     for chain in chains:
@@ -559,5 +561,6 @@ def profile_chains(model: nn.Module, chains: list[Chain] | tuple[Chain, ...], re
             if key not in measured:
                 measured[key] = profile_block(module, info, args, kwargs, repeats)
             costs.append(measured[key])
-        profiles.append(ChainProfile(chain, tuple(costs)))
+        stem = profile_stem(model, chain.stem, repeats) if chain.stem is not None else None
+        profiles.append(ChainProfile(chain, tuple(costs), stem))
     return profiles

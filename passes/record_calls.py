@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 @dataclass
@@ -53,6 +54,9 @@ class CallRecord:
     mutated_inputs: bool = False
     example_args: tuple | None = None
     example_kwargs: dict | None = None
+    # bytes of the tensor inputs that this forward created (not the caller's inputs, parameters or
+    # buffers): what a checkpoint of this call would keep alive (``find_stem``)
+    created_input_bytes: int = 0
 
 
 @dataclass
@@ -123,17 +127,38 @@ def _describe(value: Any) -> tuple[str, Any]:
 
 
 class _RandomOpWatcher(TorchDispatchMode):
-    """Marks every module on the call stack that runs a random aten op."""
+    """Marks every module on the call stack that runs a random aten op; notes the storages ops create."""
 
     def __init__(self, stack: list[CallRecord]):
         super().__init__()
         self.stack = stack
+        self.created: set[int] = set()  # storage keys; a freed key reused is again a created storage
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if torch.Tag.nondeterministic_seeded in func.tags:
             for rec in self.stack:
                 rec.random_ops.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        inputs = {_storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and (key := _storage_key(t)) not in inputs and key is not None:
+                self.created.add(key)  # views, in-place and out= results alias an input: not new
+        return out
+
+    def created_bytes(self, values: Any) -> int:
+        """Bytes of the distinct storages among ``values`` that ops of this run created."""
+        found = {}
+        for t in tree_flatten(values)[0]:
+            if isinstance(t, torch.Tensor) and (key := _storage_key(t)) in self.created:
+                found[key] = t.untyped_storage().nbytes()
+        return sum(found.values())
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:  # not data_ptr(): fake and meta storages have none
+        return t.untyped_storage()._cdata
+    except Exception:  # tensor subclasses, sparse tensors
+        return None
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -160,6 +185,7 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
     counts: dict[str, int] = {}
     seen_types: set[tuple] = set()
     pending_versions: dict[int, tuple[dict, list]] = {}
+    watcher = _RandomOpWatcher(stack)
     handles = []
     names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
 
@@ -185,12 +211,13 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
             side_signature=side,
             example_args=args if first_of_type else None,
             example_kwargs=dict(kwargs) if first_of_type else None,
+            created_input_bytes=watcher.created_bytes((args, kwargs)),
         )
         keep_alive.append((args, kwargs))
         # kernels such as batch_norm update running stats without bumping the
         # version counter, so compare values as well
         buf_versions = {n: (b._version, b.detach().clone()) for n, b in module.named_buffers(recurse=False)}
-        in_versions = [(t, t._version) for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+        in_versions = [(t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         pending_versions[rec.index] = (buf_versions, in_versions)
         calls.append(rec)
         stack.append(rec)
@@ -219,7 +246,7 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
     saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     error = None
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), _RandomOpWatcher(stack):
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), watcher:
             call_model(model, example_inputs)
     except Exception as exc:  # any failure of the user's forward is reported, not raised
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -15,6 +15,7 @@ After::
     rmodel.encoder.layer[0].forward  = SegmentHead   (runs layers 0-3 under checkpoint)
     rmodel.encoder.layer[1..3].forward = SegmentRelay
     rmodel.encoder.layer[4].forward  = SegmentHead   ...
+    rmodel.embeddings.forward        = StemForward   (with ChainPlan.stem: recomputed by layer 0's head)
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import copy
 from torch import nn
 
 from revify.runtime.checkpoint_segment import CheckpointSegment
+from revify.runtime.checkpoint_stem import CheckpointStem
 
 from .plan_checkpoint import ChainPlan
 
@@ -54,6 +56,9 @@ def rewrite_checkpoint(model: nn.Module, plans: list[ChainPlan],
     segments = []
     for plan in plans:
         blocks = plan.chain.blocks
+        stem = CheckpointStem(rmodel.get_submodule(plan.stem)) if plan.stem is not None else None
+        if stem is not None:
+            stem.install()
         for segment in plan.segments:
             start, end = segment.start, segment.end
             modules = [rmodel.get_submodule(b.path) for b in blocks[start:end]]
@@ -62,7 +67,8 @@ def rewrite_checkpoint(model: nn.Module, plans: list[ChainPlan],
                 owner_path, _, buf_name = name.rpartition(".")
                 buffers.append((rmodel.get_submodule(owner_path), buf_name))
             seg = CheckpointSegment(modules, blocks[start].call.hidden_slot, buffers, segment.policy,
-                                    segment.saved_ops, segment.elided_ops, segment.op_digests)
+                                    segment.saved_ops, segment.elided_ops, segment.op_digests,
+                                    stem if start == 0 else None)
             seg.install()
             segments.append(seg)
     return rmodel, segments

@@ -19,6 +19,7 @@ from revify.passes.calibrate_reversible import calibrate_reversible
 from revify.passes.capture import capture_regions
 from revify.passes.chain_costs import Pricing
 from revify.passes.find_chains import find_chains
+from revify.passes.find_stem import find_stems
 from revify.passes.plan_budget import BudgetError, plan_budget
 from revify.passes.plan_checkpoint import SCHEDULES, plan_checkpoint
 from revify.passes.plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
@@ -53,7 +54,7 @@ def analyse_model(model: nn.Module, example_inputs: Any, strategy: str) -> tuple
         plan.errors.append(f"the model's forward raised on the example inputs: {trace.error}")
         return plan, None, None
     plan.regions = capture_regions(model, trace)
-    analysis = find_chains(model, trace)
+    analysis = find_stems(model, trace, find_chains(model, trace))
     plan.rejections = list(analysis.rejections)
     return plan, trace, analysis
 

@@ -70,6 +70,10 @@ class Plan:
             segs = ", ".join(s.describe() for s in cp.segments)
             kept = f"; blocks {cp.kept_blocks} keep their activations" if cp.kept_blocks else ""
             lines.append(f"    checkpoint: {len(cp.segments)} segment(s) [{segs}] ({cp.schedule} schedule){kept}")
+            if cp.stem is not None:
+                first = next(s for s in cp.segments if s.start == 0)
+                lines.append(f"    stem: {cp.stem} is recomputed with segment {first.describe()} "
+                             "instead of that segment keeping its input")
             if cp.predicted_saved_bytes is not None:
                 lines.append(f"    predicted: keeps {format_bytes(cp.predicted_saved_bytes)} for backward, "
                              f"recomputes {cp.recompute_fraction:.0%} of its forward")

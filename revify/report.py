@@ -385,7 +385,8 @@ class _Chain:
         if self.kind == "checkpoint":
             segs = ", ".join(s.describe() for s in e.segments) or "none"
             kept = f"; blocks {e.kept_blocks} keep their activations" if e.kept_blocks else ""
-            return f"segments [{segs}] ({e.schedule} schedule){kept}"
+            stem = f"; stem {e.stem} recomputed with the first segment" if e.stem else ""
+            return f"segments [{segs}] ({e.schedule} schedule){kept}{stem}"
         anchors = list(e.anchors) or "none"
         return f"{e.coupling.name}, {len(e.steps)} coupling step(s), anchors at steps {anchors}"
 

@@ -232,7 +232,16 @@ def apply_recorded_plan(recorded: RecordedPlan, model: nn.Module, example_inputs
     for rc in recorded.chains:
         chain = _match(rc.blocks, analysis)
         _check_indices("segment", rc.blocks, len(rc.blocks), [i for s in rc.segments for i in (s.start, s.end - 1)])
-        plan.chains.append(ChainPlan(chain, rc.segments, rc.schedule, **dict(rc.extra)))
+        extra = dict(rc.extra)
+        stem = extra.get("stem")
+        if stem is not None and (chain.stem is None or chain.stem.path != stem):
+            found = f"finds {chain.stem.path!r}" if chain.stem is not None else "finds none"
+            raise PlanMismatchError(f"recorded stem {stem!r} of chain {_span(rc.blocks)} does not feed it in this "
+                                    f"model (analysis now {found})")
+        try:
+            plan.chains.append(ChainPlan(chain, rc.segments, rc.schedule, **extra))
+        except ValueError as exc:
+            raise PlanMismatchError(f"recorded chain {_span(rc.blocks)}: {exc}") from None
     for rr in recorded.reversible:
         chain = _match(rr.blocks, analysis)
         _check_indices("coupling step", rr.blocks, len(rr.blocks), [i for s in rr.steps for i in s])

@@ -11,6 +11,10 @@ is rounding from different batch shapes and reduction order, hence the
 tolerances (1e-5 relative for checkpointing, 1e-4 — the reconstruction
 tolerance — for reversible chains).
 
+The "stem" model has its embeddings in one module, which the planner
+recomputes with the first segment (``runtime/checkpoint_stem``); its
+parameters stay with the root when only blocks are sharded.
+
 The processes rendezvous through a file in ``tmp_path``: no port to pick.
 """
 from __future__ import annotations
@@ -25,11 +29,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import revify
-from zoo import PreLNTransformer
+from zoo import EmbeddedTransformer, PreLNTransformer
 
 WORLD = 2
 STEPS = 3
-TOL = {"checkpoint": 1e-5, "reversible": 1e-4}
+TOL = {"checkpoint": 1e-5, "stem": 1e-5, "reversible": 1e-4}
 
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -40,11 +44,17 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 def _converted(strategy: str) -> nn.Module:
     """The same converted model in every process: seeded, dropout off, adapters nonzero."""
     torch.manual_seed(0)
-    model = PreLNTransformer(p=0.0, n_blocks=4).train()
+    model = (EmbeddedTransformer if strategy == "stem" else PreLNTransformer)(p=0.0, n_blocks=4).train()
     example = (torch.randint(0, 50, (2, 16)),)
     if strategy == "checkpoint":
         # two segments of two blocks: the relays (blocks run by their segment's head) are exercised
         return revify.revify(model, example, strategy="checkpoint", schedule="sqrt(n)", strict=True)
+    if strategy == "stem":
+        # the least kept bytes: the embeddings are recomputed with the first segment (checkpoint_stem),
+        # their parameters used again in backward
+        rmodel = revify.revify(model, example, budget_for="activations", recompute_cost="flops", strict=True)
+        assert rmodel.revify_plan.chains[0].stem == "embed", rmodel.revify_plan.chains[0]
+        return rmodel
     rmodel = revify.revify(model, example, strategy="reversible", coupling="meft1", strict=True)
     torch.manual_seed(3)
     with torch.no_grad():  # zero-initialised adapters would give zero gradients to most of them
@@ -80,7 +90,7 @@ def _worker(rank: int, wrapper: str, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         results = {}
-        for strategy in ("checkpoint", "reversible"):
+        for strategy in ("checkpoint", "stem", "reversible"):
             model = _converted(strategy)
             names = [n for n, _ in model.named_parameters()]
             if wrapper == "ddp":
@@ -89,11 +99,14 @@ def _worker(rank: int, wrapper: str, store: str, out: str) -> None:
                 from torch.distributed.device_mesh import init_device_mesh
                 from torch.distributed.fsdp import fully_shard
                 mesh = init_device_mesh("cpu", (WORLD,))
-                for block in model.blocks:
+                for block in model.blocks:  # the stem (embed) stays with the root's parameters
                     fully_shard(block, mesh=mesh)
                 fully_shard(model, mesh=mesh)
             half = slice(rank * 2, rank * 2 + 2)
             results[strategy] = _train(model, [b[half] for b in _batches()], names)
+            if strategy == "stem":  # the embeddings were rebuilt in backward, not kept
+                inner = model.module if wrapper == "ddp" else model
+                results[strategy]["stem_uses"] = inner.embed.forward.stem.recipe_uses
         if rank == 0:
             torch.save(results, out)
         dist.barrier()
@@ -139,6 +152,8 @@ def _check_against_single_process(results: dict) -> None:
         for step, (g, r) in enumerate(zip(got["grads"], ref["grads"])):
             _assert_close(g, r, TOL[strategy], f"{strategy} gradients, step {step}")
         _assert_close(got["params"], ref["params"], TOL[strategy], f"{strategy} parameters after {STEPS} steps")
+        if strategy == "stem":
+            assert got["stem_uses"] == STEPS, got["stem_uses"]
         if strategy == "reversible":  # frozen backbone: only adapters and the head train
             assert all("revify_adapter" in k or k.startswith(("ln_f", "head")) for k in ref["grads"][0])
 

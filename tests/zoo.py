@@ -125,6 +125,34 @@ class PreLNTransformer(nn.Module):
         return self.head(self.ln_f(x))
 
 
+class Embeddings(nn.Module):
+    def __init__(self, vocab, seq, dim, p):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        return self.drop(self.norm(x))
+
+
+class EmbeddedTransformer(PreLNTransformer):
+    """PreLNTransformer whose embeddings are one module (as in BERT): a chain with a stem (``find_stem``)."""
+
+    def __init__(self, vocab=50, dim=32, heads=4, n_blocks=4, seq=16, p=0.1):
+        super().__init__(vocab, dim, heads, n_blocks, seq, p)
+        del self.tok, self.pos
+        self.embed = Embeddings(vocab, seq, dim, p)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.ln_f(x))
+
+
 def mlp_resnet() -> ZooCase:
     torch.manual_seed(0)
     return ZooCase("mlp_resnet", MLPResNet().train(), (torch.randn(8, 32),), _logits_loss, 6)

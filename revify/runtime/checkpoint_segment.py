@@ -29,7 +29,7 @@ import sys
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ from torch.utils.checkpoint import (SAC_IGNORED_OPS, CheckpointPolicy, checkpoin
 import functools
 
 from revify.passes.record_calls import fed_tensor, get_slot, set_slot, side_signature
+
+if TYPE_CHECKING:
+    from .checkpoint_stem import CheckpointStem, StemInput
 
 
 def opaque_to_dynamo(fn: Callable) -> Callable:
@@ -349,9 +352,58 @@ def _context_fn(policy: str | SaveListedOps) -> Callable | None:
     raise ValueError(f"unknown checkpoint policy {policy!r}")
 
 
-def _checkpoint(fn: Callable, policy: str | SaveListedOps, *args: Any, **kwargs: Any) -> Any:
+class _PreparedFirst:
+    """A recompute context that calls ``prepare`` before entering ``inner`` (a stem's rebuild, outside SAC)."""
+
+    def __init__(self, inner: Any, prepare: Callable[[], None]):
+        self.inner, self.prepare = inner, prepare
+
+    def __enter__(self) -> None:
+        self.prepare()
+        self.inner.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.inner.__exit__(*exc)
+
+
+def _preparing(context_fn: Callable, prepare: Callable[[], None]) -> Callable:
+    """``context_fn`` whose recompute context first runs ``prepare``.
+
+    Selective checkpointing's recompute mode replays only the ops its forward
+    ran; a stem rebuilt inside it (``checkpoint_stem``) ran no op there, so it
+    is rebuilt before that mode is entered.
+    """
+    def contexts() -> tuple[Any, Any]:
+        forward, recompute = context_fn()
+        return forward, _PreparedFirst(recompute, prepare)
+    return contexts
+
+
+def _after_anchors(fn: Callable, count: int, *args: Any, **kwargs: Any) -> Any:
+    return fn(*args[count:], **kwargs)
+
+
+def _checkpoint(fn: Callable, policy: str | SaveListedOps, *args: Any, _prepare: Callable[[], None] | None = None,
+                _devices: Iterable[torch.device] = (), **kwargs: Any) -> Any:
+    """``fn`` under a non-reentrant checkpoint with ``policy``.
+
+    ``_prepare`` runs before the recompute enters selective checkpointing's
+    modes; ``_devices``: devices whose RNG the recompute must replay besides
+    those of the tensor arguments (a module's parameters).
+    """
     context_fn = _context_fn(policy)
+    if _prepare is not None and context_fn is not None:  # without modes, fn itself can prepare
+        context_fn = _preparing(context_fn, _prepare)
     extra = {} if context_fn is None else {"context_fn": context_fn}
+    # torch.utils.checkpoint finds the devices whose RNG it restores among the positional
+    # tensors only: a keyword-only call, or a module whose parameters sit on another device
+    # than its inputs, would redraw its dropout masks on a GPU
+    positional = {a.device for a in args if isinstance(a, torch.Tensor)}
+    wanted = {t.device for t in tree_flatten(kwargs)[0] if isinstance(t, torch.Tensor)} | set(_devices)
+    missing = sorted((d for d in wanted - positional if d.type != "cpu"), key=str)
+    if missing:
+        anchors = tuple(torch.empty(0, device=d) for d in missing)
+        fn, args = functools.partial(_after_anchors, fn, len(anchors)), (*anchors, *args)
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
 
 
@@ -361,7 +413,7 @@ class CheckpointSegment:
     def __init__(self, blocks: list[nn.Module], hidden_slot: tuple[str, Any],
                  mutated_buffers: list[tuple[nn.Module, str]], policy: str = "recompute",
                  saved_ops: OpLists | None = None, elided_ops: OpLists | None = None,
-                 op_digests: tuple[int, ...] | None = None):
+                 op_digests: tuple[int, ...] | None = None, stem: "CheckpointStem | None" = None):
         if policy == "save_ops":
             if saved_ops is None or len(saved_ops) != len(blocks):
                 raise ValueError("policy 'save_ops' needs one list of saved ops per block")
@@ -380,6 +432,7 @@ class CheckpointSegment:
         self.mutated_buffers = mutated_buffers
         self.pending: _Pending | None = None
         self.fallback_calls = 0  # relays that had to compute on their own
+        self.stem = stem  # recomputed to rebuild the head's input in backward, instead of keeping it
 
     def __getstate__(self) -> dict:
         # outputs held between a head and its relays belong to one forward pass
@@ -426,6 +479,16 @@ class CheckpointSegment:
     def _run_all(self, state: _RunState, policy: str | SaveListedOps, *args: Any, **kwargs: Any) -> list[Any]:
         if isinstance(policy, SaveListedOps):
             policy.pause()
+        return self._run_blocks(state, policy, *args, **kwargs)
+
+    def _run_from_stem(self, source: "StemInput", state: _RunState, policy: str | SaveListedOps,
+                       *args: Any, **kwargs: Any) -> list[Any]:
+        if isinstance(policy, SaveListedOps):
+            policy.pause()  # the stem's recompute is no block's: its ops are not counted
+        args, kwargs = set_slot(args, kwargs, self.hidden_slot, source.get())
+        return self._run_blocks(state, policy, *args, **kwargs)
+
+    def _run_blocks(self, state: _RunState, policy: str | SaveListedOps, *args: Any, **kwargs: Any) -> list[Any]:
         state.calls += 1
         if state.calls == 1:
             state.buffers_before = [m._buffers[n].detach().clone() for m, n in self.mutated_buffers]
@@ -451,11 +514,21 @@ class CheckpointSegment:
             return self.forwards[0](*args, **kwargs)
         if not isinstance(get_slot(args, kwargs, self.hidden_slot), torch.Tensor):
             # called differently from the recorded call: this block alone, checkpointed
+            if self.stem is not None:
+                self.stem.take(None)  # releases the stem's arguments
             self.fallback_calls += 1
             return _checkpoint(functools.partial(self._run_one, 0), self._policy(0), *args, **kwargs)
         state = _RunState()
         policy = self._policy()
-        outputs = _checkpoint(functools.partial(self._run_all, state, policy), policy, *args, **kwargs)
+        source = self.stem.take(get_slot(args, kwargs, self.hidden_slot)) if self.stem is not None else None
+        if source is None:
+            outputs = _checkpoint(functools.partial(self._run_all, state, policy), policy, *args, **kwargs)
+        else:
+            # the checkpoint holds the source, not the tensor: the stem's output is freed after forward
+            args_, kwargs_ = set_slot(args, kwargs, self.hidden_slot, None)
+            outputs = _checkpoint(functools.partial(self._run_from_stem, source, state, policy), policy, *args_,
+                                  _prepare=source.prepare, _devices=(source.call.device,), **kwargs_)
+            source.release()
         if len(outputs) > 1:
             self.pending = _Pending(outputs, side_signature(args, kwargs, self.hidden_slot),
                                     [None] + state.rng_before)

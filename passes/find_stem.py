@@ -1,0 +1,95 @@
+"""Pass 5b: find each chain's *stem*, the module call that produced its first input.
+
+A checkpoint segment keeps its input for backward. For the first segment of
+a chain that input is what the model computed before the chain (BERT's
+embeddings: word + position + type, LayerNorm, dropout), and that stem keeps
+its own saved tensors too (the LayerNorm input, the dropout mask). A whole-graph
+compiler recomputes both from ``input_ids``; eager checkpointing can too, if
+the stem is recomputed with the first segment instead of its output being
+kept (``runtime/checkpoint_stem``). This pass finds which call that is and
+whether it may be recomputed; ``profile_stem`` measures what it would free.
+
+Before (calls recorded by ``record_calls``)::
+
+    bert.embeddings(input_ids=ids) → h0,   encoder.layer.0(h0) → h1, …
+
+After::
+
+    Chain(parent="bert.encoder", blocks=(…), stem=StemInfo("bert.embeddings", "BertEmbeddings", call))
+
+The stem is the outermost call whose output is, by identity and version, the
+chain's first hidden input. It must run once per forward, before the chain,
+neither inside nor around any chain's blocks (recomputing it must not rerun
+a chain), leave buffers and its inputs unchanged
+(recomputing it must not update anything twice), take no mutable objects,
+carry no hooks, and have recorded example arguments to be profiled with.
+Random ops are allowed: the runtime replays its RNG state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from .find_chains import Chain, ChainAnalysis, _descendant_buffers
+from .record_calls import CallRecord, CallTrace
+
+
+@dataclass(frozen=True)
+class StemInfo:
+    path: str
+    module_type: str
+    call: CallRecord
+
+
+def _subtree(trace: CallTrace, root: CallRecord) -> set[int]:
+    inside = {root.index}
+    for c in trace.calls[root.index + 1:]:
+        if c.parent in inside:
+            inside.add(c.index)
+    return inside
+
+
+def _ancestors(trace: CallTrace, rec: CallRecord) -> set[int]:
+    out, parent = set(), rec.parent
+    while parent is not None:
+        out.add(parent)
+        parent = trace.calls[parent].parent
+    return out
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in module.modules())
+
+
+def _legal(model: nn.Module, trace: CallTrace, rec: CallRecord) -> bool:
+    module = model.get_submodule(rec.path)
+    return (trace.call_counts.get(rec.path, 1) == 1 and not rec.mutated_inputs
+            and not _descendant_buffers(trace, rec) and rec.example_kwargs is not None
+            and not any(kind == "object" for _, kind, *_ in rec.side_signature)
+            and not getattr(module.__dict__.get("forward"), "revify_installed", False)
+            and not _has_hooks(module))
+
+
+def find_stem(model: nn.Module, trace: CallTrace, chain: Chain, blocked: set[int]) -> StemInfo | None:
+    """The stem of ``chain``, or None; ``blocked``: calls inside chains (a stem neither is nor holds one)."""
+    first = chain.blocks[0].call
+    if first.hidden_in_id is None:
+        return None
+    before = _ancestors(trace, first)
+    for rec in trace.calls[:first.index]:  # parents come before their children: outermost first
+        if (rec.hidden_out_id == first.hidden_in_id and rec.hidden_out_version == first.hidden_in_version
+                and rec.index not in before and not _subtree(trace, rec) & blocked and _legal(model, trace, rec)):
+            return StemInfo(rec.path, rec.module_type, rec)
+    return None
+
+
+def find_stems(model: nn.Module, trace: CallTrace, analysis: ChainAnalysis) -> ChainAnalysis:
+    """``analysis`` with each chain's ``stem`` set where one is found."""
+    blocked: set[int] = set()
+    for chain in analysis.chains:
+        for b in chain.blocks:
+            blocked |= _subtree(trace, b.call)
+    chains = tuple(replace(c, stem=find_stem(model, trace, c, blocked)) for c in analysis.chains)
+    return replace(analysis, chains=chains)
