@@ -22,11 +22,13 @@ chain's first hidden input. It must run once per forward, before the chain,
 neither inside nor around any chain's blocks (recomputing it must not rerun
 a chain), leave buffers and its inputs unchanged
 (recomputing it must not update anything twice), take no mutable objects,
-carry no hooks, and have recorded example arguments to be profiled with.
+carry no hooks, have recorded example arguments to be profiled with, and
+feed one chain only.
 Random ops are allowed: the runtime replays its RNG state.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from torch import nn
@@ -91,5 +93,9 @@ def find_stems(model: nn.Module, trace: CallTrace, analysis: ChainAnalysis) -> C
     for chain in analysis.chains:
         for b in chain.blocks:
             blocked |= _subtree(trace, b.call)
-    chains = tuple(replace(c, stem=find_stem(model, trace, c, blocked)) for c in analysis.chains)
-    return replace(analysis, chains=chains)
+    stems = [find_stem(model, trace, c, blocked) for c in analysis.chains]
+    # a stem feeding two chains (two towers on one embedding) belongs to neither: each would count
+    # freeing it, and it can be recomputed with one segment only
+    counts = Counter(s.call.index for s in stems if s is not None)
+    stems = [s if s is not None and counts[s.call.index] == 1 else None for s in stems]
+    return replace(analysis, chains=tuple(replace(c, stem=s) for c, s in zip(analysis.chains, stems)))

@@ -61,7 +61,7 @@ from revify.runtime.checkpoint_segment import _SAVED_BY_SAVE_MATMULS, _checkpoin
 
 from .find_chains import BlockInfo, Chain
 from .profile_stem import StemCost, profile_stem
-from .record_calls import fed_tensor, get_slot, set_slot
+from .record_calls import CallRecord, fed_tensor, get_slot, set_slot
 
 
 @dataclass(frozen=True)
@@ -539,6 +539,10 @@ def _overheads(run: _BlockRun, cost: BlockCost, repeats: int) -> tuple[float, fl
             max(0.0, statistics.median(extra["selective"]) - unsaved))
 
 
+def _kind(call: CallRecord) -> tuple:
+    return (call.module_type, call.hidden_in_shape, call.side_signature)
+
+
 @dataclass(frozen=True)
 class ChainProfile:
     chain: Chain
@@ -550,9 +554,20 @@ def profile_chains(model: nn.Module, chains: list[Chain] | tuple[Chain, ...], re
     """One ``BlockCost`` per block of every chain (identical blocks are measured once), and its stem's cost."""
     measured: dict[tuple, BlockCost] = {}
     profiles = []
+    # record_calls keeps the arguments of the first call of each kind only: a chain whose blocks
+    # are of the kind of another chain's (two towers of one block type) profiles with those
+    recorded = {}
+    for chain in chains:
+        for b in chain.blocks:
+            if b.call.example_kwargs is not None:
+                recorded.setdefault(_kind(b.call), b.call)
     for chain in chains:
         first = chain.blocks[0].call
         # later blocks of a chain share the first one's side inputs (find_chains checks it)
+        if first.example_kwargs is None:
+            first = recorded.get(_kind(first), first)
+        if first.example_kwargs is None:
+            raise ValueError(f"no recorded arguments to profile {chain.blocks[0].path} with")
         args, kwargs = tuple(first.example_args or ()), dict(first.example_kwargs or {})
         costs = []
         for info in chain.blocks:

@@ -60,6 +60,35 @@ def test_a_module_around_another_chain_is_no_stem():
     assert stems == {"stage1": "inp", "stage2": None}
 
 
+def test_a_module_feeding_two_chains_is_no_stem():
+    """Two towers on one embedding: the embedding can be recomputed with one segment only."""
+    from torch import nn
+    from toy_models import ResidualMLPBlock
+
+    class First(nn.Sequential):
+        pass
+
+    class Second(nn.Sequential):
+        pass
+
+    class Towers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(16, 16)
+            self.a = First(*(ResidualMLPBlock(16) for _ in range(2)))
+            self.b = Second(*(ResidualMLPBlock(16) for _ in range(2)))
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.a(h) + self.b(h)
+
+    model = Towers().train()
+    _, _, analysis = analyse_model(model, (torch.randn(4, 16),), "checkpoint")
+    assert {c.parent: c.stem for c in analysis.chains} == {"a": None, "b": None}
+    rmodel = revify.revify(model, (torch.randn(4, 16),), budget_for="activations", recompute_cost="flops")
+    assert [cp.stem for cp in rmodel.revify_plan.chains] == [None, None]
+
+
 def _plan(chain, policy: str, stem: bool, prof=None) -> ChainPlan:
     n = len(chain.blocks)
     if policy != "save_ops":
