@@ -29,6 +29,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from revify.measure import _storage_key
+
 
 @dataclass
 class CallRecord:
@@ -152,13 +154,6 @@ class _RandomOpWatcher(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and (key := _storage_key(t)) in self.created:
                 found[key] = t.untyped_storage().nbytes()
         return sum(found.values())
-
-
-def _storage_key(t: torch.Tensor) -> int | None:
-    try:  # not data_ptr(): fake and meta storages have none
-        return t.untyped_storage()._cdata
-    except Exception:  # tensor subclasses, sparse tensors
-        return None
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

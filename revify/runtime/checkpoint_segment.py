@@ -148,16 +148,18 @@ class _RunState:
         self.rng_before: list = []
 
 
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
+class RngStates:
+    """The CPU generator's state and that of every CUDA device in ``devices``, to replay random ops."""
 
+    def __init__(self, devices: Iterable[torch.device]):
+        self.cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
+        self.cpu = torch.get_rng_state()
+        self.states = [torch.cuda.get_rng_state(d) for d in self.cuda]
 
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, state in zip(self.cuda, self.states):
+            torch.cuda.set_rng_state(state, d)
 
 
 # ops whose outputs the ``save_matmuls`` policy keeps: the compute-bound ones, so
@@ -501,7 +503,7 @@ class CheckpointSegment:
             for k, fwd in enumerate(self.forwards[1:], start=1):
                 hidden, _ = fed_tensor(outputs[-1])
                 if first_run:
-                    state.rng_before.append(_rng_state(hidden.device))
+                    state.rng_before.append(RngStates([hidden.device]))
                 args, kwargs = set_slot(args, kwargs, self.hidden_slot, hidden)
                 if isinstance(policy, SaveListedOps):
                     policy.enter(k)
@@ -552,7 +554,7 @@ class CheckpointSegment:
             # dropout masks are the ones the original model would draw here
             hidden = get_slot(args, kwargs, self.hidden_slot)
             if isinstance(hidden, torch.Tensor):
-                _set_rng_state(pending.rng_before[k], hidden.device)
+                pending.rng_before[k].restore()
         if not torch.is_grad_enabled():
             return self.forwards[k](*args, **kwargs)
         self.fallback_calls += 1

@@ -39,8 +39,8 @@ from torch.utils._pytree import tree_flatten
 
 from revify.passes.record_calls import fed_tensor
 
-from .checkpoint_segment import (_checkpoint, _has_forward_hooks, is_fed, opaque_to_dynamo, original_forward,
-                                 unshard_fsdp)
+from .checkpoint_segment import (RngStates, _checkpoint, _has_forward_hooks, is_fed, opaque_to_dynamo,
+                                 original_forward, unshard_fsdp)
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -56,20 +56,6 @@ def _versions(tensors: list[torch.Tensor]) -> list[int]:
     return [t._version for t in tensors]
 
 
-class _RngStates:
-    """The CPU generator's state and that of every CUDA device in ``devices``."""
-
-    def __init__(self, devices: list[torch.device]):
-        self.cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
-        self.cpu = torch.get_rng_state()
-        self.states = [torch.cuda.get_rng_state(d) for d in self.cuda]
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for d, state in zip(self.cuda, self.states):
-            torch.cuda.set_rng_state(state, d)
-
-
 class StemCall:
     """One forward's stem call, enough to run it again; holds its output only weakly.
 
@@ -78,7 +64,7 @@ class StemCall:
     modified in place before backward, the rebuild would differ: it raises.
     """
 
-    def __init__(self, stem: "CheckpointStem", args: tuple, kwargs: dict, rng: _RngStates, output: torch.Tensor):
+    def __init__(self, stem: "CheckpointStem", args: tuple, kwargs: dict, rng: RngStates, output: torch.Tensor):
         self.stem = stem
         self.args, self.kwargs = args, kwargs
         self.rng = rng
@@ -176,7 +162,7 @@ class CheckpointStem:
                 or any(d.type not in ("cpu", "cuda") for d in devices)):
             # hooks see the call, not its recompute; other accelerators' RNG is not replayed here
             return self.forward(*args, **kwargs)
-        rng = _RngStates(devices)
+        rng = RngStates(devices)
         before = _versions(tensors)
         out = _checkpoint(self.forward, "recompute", *args, _devices=devices, **kwargs)
         hidden, _ = fed_tensor(out)
