@@ -14,7 +14,7 @@ from revify.passes.plan_budget import build_problem, checkpoint_plans, schedule_
 from revify.passes.plan_checkpoint import ChainPlan, Segment
 from revify.passes.profile_blocks import profile_chains
 from revify.passes.rewrite_checkpoint import rewrite_checkpoint
-from revify.passes.solve_schedule import min_budget, path_peak, solve
+from revify.passes.solve_schedule import min_budget, path_peak
 from revify.checkpoint_io import CheckpointError
 from test_plan_budget import _backward_flops, _planner_profile
 from zoo import ALL_CASES, EmbeddedTransformer, ZooCase, _logits_loss, train_step

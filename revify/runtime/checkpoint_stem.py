@@ -59,9 +59,9 @@ def _versions(tensors: list[torch.Tensor]) -> list[int]:
 class StemCall:
     """One forward's stem call, enough to run it again; holds its output only weakly.
 
-    ``state`` is every tensor the rebuild reads besides the arguments: the
-    stem's parameters and buffers. If any of them, or an argument, is
-    modified in place before backward, the rebuild would differ: it raises.
+    ``_read`` lists every tensor the rebuild reads: the arguments and the
+    stem's parameters and buffers. If any of them is modified in place
+    before backward, the rebuild would differ: it raises.
     """
 
     def __init__(self, stem: "CheckpointStem", args: tuple, kwargs: dict, rng: RngStates, output: torch.Tensor):
