@@ -114,9 +114,10 @@ class Workload:
     step_peaks: dict[str, int] = field(default_factory=dict)
 
 
-def _bert(quick: bool, device: torch.device, batch: int | None) -> Workload:
+def _bert(quick: bool, device: torch.device, batch: int | None, seq: int | None) -> Workload:
     from transformers import BertConfig, BertForSequenceClassification
-    layers, hidden, seq = (2, 64, 32) if quick else (24, 1024, 512)
+    layers, hidden, default_seq = (2, 64, 32) if quick else (24, 1024, 512)
+    seq = seq or default_seq
     batch = batch or (2 if quick else 32)
     cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
                      intermediate_size=4 * hidden, vocab_size=512 if quick else 30522)
@@ -133,16 +134,18 @@ def _bert(quick: bool, device: torch.device, batch: int | None) -> Workload:
                     batch * seq, make, batch)
 
 
-def _llama(quick: bool, device: torch.device, batch: int | None, dtype: str, log: Callable[[str], None]) -> Workload:
+def _llama(quick: bool, device: torch.device, batch: int | None, seq: int | None, dtype: str,
+           log: Callable[[str], None]) -> Workload:
     from transformers import LlamaConfig, LlamaForCausalLM
     if quick:
         dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=256)
-        seq = 32
+        default_seq = 32
     else:  # Llama 3.2 1B's shape
         dims = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True)
-        seq = 2048
+        default_seq = 2048
+    seq = seq or default_seq
     cfg = LlamaConfig(**dims, max_position_embeddings=seq, use_cache=False)  # training: no KV cache
     torch.manual_seed(0)
     with torch.device(device):
@@ -226,9 +229,10 @@ class Suite:
         if name not in self.workloads:
             t = time.perf_counter()
             if name == "bert":
-                w = _bert(self.args.quick, self.device, self.args.bert_batch)
+                w = _bert(self.args.quick, self.device, self.args.bert_batch, self.args.bert_seq)
             else:
-                w = _llama(self.args.quick, self.device, self.args.llama_batch, self.args.dtype, self.log)
+                w = _llama(self.args.quick, self.device, self.args.llama_batch, self.args.llama_seq,
+                           self.args.dtype, self.log)
             self.workloads[name] = w
             self.log(f"{w.desc}: built in {time.perf_counter() - t:.1f} s, "
                      f"{sum(p.numel() for p in w.model.parameters()) / 1e6:.0f}M parameters")
@@ -478,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=5, help="paired steps (variant, plain) per row")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each before the pairs")
     ap.add_argument("--bert-batch", type=int)
+    ap.add_argument("--bert-seq", type=int)
+    ap.add_argument("--llama-seq", type=int)
     ap.add_argument("--llama-batch", type=int, help="default: the largest within 40 GB for plain training")
     ap.add_argument("--compile-saved", action="store_true", help="also count saved bytes on compile rows")
     ap.add_argument("--time-limit", type=float, default=0, help="seconds; rows after it are recorded as skipped")
