@@ -280,11 +280,16 @@ class SaveListedOps:
     def __call__(self, ctx, func, *args, **kwargs) -> CheckpointPolicy:
         # torch 2.13 calls the policy in the forward only; the recompute replays its decisions
         block = self.block
-        if block is None or getattr(ctx, "is_recompute", False):
+        if block is None:
             return CheckpointPolicy.PREFER_RECOMPUTE
         index = self.index
         self.index += 1
         name = _op_name(func)
+        if getattr(ctx, "is_recompute", False):
+            # torch <= 2.12 asks again in recompute and takes a kept output (first in, first out per op)
+            # only where the answer is "save": the forward's answer, or every kept op is run again
+            return CheckpointPolicy.MUST_SAVE if self.saved[block].get(index) == name else \
+                CheckpointPolicy.PREFER_RECOMPUTE
         elides = bool(self.elided[block])
         if elides:
             self.names[block].append(name)
