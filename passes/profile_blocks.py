@@ -54,11 +54,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from torch.utils.checkpoint import SAC_IGNORED_OPS
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from revify.measure import LiveStorageTracker
-from revify.runtime.checkpoint_segment import _SAVED_BY_SAVE_MATMULS, _checkpoint
+from revify.runtime.checkpoint_segment import _checkpoint, saves_under_save_matmuls
 
+from .count_flops import flop_counter, op_flops
 from .find_chains import BlockInfo, Chain
 from .profile_stem import StemCost, profile_stem
 from .record_calls import CallRecord, fed_tensor, get_slot, set_slot
@@ -83,6 +83,7 @@ class OpCost:
     alias: bool = False  # returns views of its inputs and mutates nothing (reading costs nothing)
     mask_only: bool = False  # dropout: its saved mask does not depend on its input's values
     mutates: bool = False  # writes an argument too: a recompute must run it
+    kept_by_save_matmuls: bool = False  # a ``save_matmuls`` segment keeps its output (a matmul drawing no RNG)
 
     @property
     def seconds_per_byte(self) -> float:
@@ -124,7 +125,7 @@ class BlockCost:
         replayed = self.replayed
         if replayed is None:
             return whole
-        return sum(getattr(o, measure) for o in replayed if not (skip_matmuls and _is_matmul(o.name)))
+        return sum(getattr(o, measure) for o in replayed if not (skip_matmuls and o.kept_by_save_matmuls))
 
     @property
     def replay_s(self) -> float:
@@ -152,14 +153,6 @@ class BlockCost:
         return self.saved_bytes + self.input_bytes * self.saves_input + self.input_bytes * self.saves_output
 
 
-_MATMUL_NAMES = frozenset(str(op) for packet in _SAVED_BY_SAVE_MATMULS for op in
-                           (getattr(packet, name) for name in packet.overloads()))
-
-
-def _is_matmul(name: str) -> bool:
-    return name in _MATMUL_NAMES
-
-
 @dataclass
 class _Recorded:
     name: str
@@ -173,6 +166,7 @@ class _Recorded:
     random: bool
     alias: bool
     mutates: bool  # writes an argument (BatchNorm's running stats): an effect beyond its outputs
+    kept_by_save_matmuls: bool  # the save_matmuls policy keeps it (decided per call: dropout_p matters)
 
 
 # outputs whose values do not depend on the op's input values: dropout's mask is
@@ -216,10 +210,10 @@ class _OpRecorder(TorchDispatchMode):
         mutates = func._schema.is_mutable
         ok = bool(outs) and len(fresh) == len({_ptr(t) for t in outs}) and not random
         alias = bool(outs) and not fresh and not mutates
-        count = flop_registry.get(func._overloadpacket)
-        flops = int(count(*args, **kwargs, out_val=out)) if count is not None else 0
+        flops = op_flops(func, args, kwargs, out)
         self.ops.append(_Recorded(str(func), dt, sum(fresh.values()), [(t, t._version) for t in outs], ok, flops,
-                                  inputs, tuple(_ptr(t) for t in outs), random, alias, mutates))
+                                  inputs, tuple(_ptr(t) for t in outs), random, alias, mutates,
+                                  saves_under_save_matmuls(func, args, kwargs)))
         return out
 
 
@@ -272,9 +266,10 @@ def _profile_ops(run: "_BlockRun", forward_s: float,
         x = run.hidden()
         with recorder:
             run(x)
-        # keep no outputs past their run: (name, seconds, bytes, savable, flops)
+        # keep no outputs past their run: (name, seconds, bytes, savable, flops, kept by save_matmuls)
         runs.append([(op.name, op.seconds, op.fresh_bytes,
-                      op.ok and op.fresh_bytes > 0 and all(t._version == v for t, v in op.outs), op.flops)
+                      op.ok and op.fresh_bytes > 0 and all(t._version == v for t, v in op.outs), op.flops,
+                      op.kept_by_save_matmuls)
                      for op in recorder.ops])
         del recorder
     last = runs[-1]
@@ -283,8 +278,9 @@ def _profile_ops(run: "_BlockRun", forward_s: float,
     timed = [r for r in runs[1:] if [op[0] for op in r] == names]  # includes the last run
     dts = [statistics.median(r[k][1] for r in timed) for k in range(len(last))]
     scale = forward_s / (sum(dts) or 1e-12)
-    ops = tuple(OpCost(k, name, nbytes, dt * scale, savable, flops, **(flows[k] if flows else {}))
-                for k, ((name, _, nbytes, savable, flops), dt) in enumerate(zip(last, dts)))
+    ops = tuple(OpCost(k, name, nbytes, dt * scale, savable, flops, **(flows[k] if flows else {}),
+                       kept_by_save_matmuls=kept)
+                for k, ((name, _, nbytes, savable, flops, kept), dt) in enumerate(zip(last, dts)))
 
     counter = _OpCounter()
 
@@ -479,12 +475,12 @@ def _measure(run: _BlockRun, repeats: int) -> BlockCost:
     if ops:  # the same count as the ops' own, so a block's parts add up to its whole
         forward_flops = sum(o.flops for o in ops)
     else:
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with torch.no_grad(), counter:
             run(run.hidden())
         forward_flops = counter.get_total_flops()
-    selective_s = sum(o.seconds for o in ops if not _is_matmul(o.name)) if ops else forward_s
-    selective_flops = sum(o.flops for o in ops if not _is_matmul(o.name)) if ops else forward_flops
+    selective_s = sum(o.seconds for o in ops if not o.kept_by_save_matmuls) if ops else forward_s
+    selective_flops = sum(o.flops for o in ops if not o.kept_by_save_matmuls) if ops else forward_flops
     cost = BlockCost(
         input_bytes=input_bytes, saved_bytes=interior, saves_input=x_ptr in saved, saves_output=out_ptr in saved,
         forward_transient=max(0, forward_peak - retained), backward_transient=max(0, backward_peak),

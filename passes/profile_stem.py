@@ -37,11 +37,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.flop_counter import FlopCounterMode
 
 from revify.measure import LiveStorageTracker, _storage_key
 from revify.runtime.checkpoint_segment import _checkpoint
 
+from .count_flops import flop_counter
 from .find_stem import StemInfo
 from .record_calls import fed_tensor
 
@@ -107,7 +107,7 @@ def profile_stem(model: nn.Module, stem: StemInfo, repeats: int = 3) -> StemCost
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     times.append(time.perf_counter() - t0)
-                counter = FlopCounterMode(display=False)
+                counter = flop_counter()
                 with counter:
                     module(*args, **kwargs)
             own = _backward_flops(module, args, kwargs, True) - _backward_flops(module, args, kwargs, False)
@@ -131,7 +131,7 @@ def _backward_flops(module: nn.Module, args: tuple, kwargs: dict, checkpointed: 
         out, _ = fed_tensor(forward(*args, **kwargs))
         if out is None or not out.requires_grad:
             return 0
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             out.backward(torch.ones_like(out))
     return counter.get_total_flops()

@@ -171,8 +171,31 @@ _SAVED_BY_SAVE_MATMULS = frozenset(
     if (op := getattr(torch.ops.aten, name, None)) is not None)
 
 
+def draws_random(func, args: tuple, kwargs: dict) -> bool:
+    """Whether this call of ``func`` draws from the RNG: a seeded op, unless its ``dropout_p`` is zero.
+
+    A fused attention kernel with dropout (CUDA's flash, memory-efficient and cuDNN
+    kernels) advances the device's RNG inside the op. Kept instead of recomputed, it
+    would not advance it in the recompute, and every later dropout of the segment
+    would draw another mask than the forward did (seen on an H200: BERT and GPT-2
+    gradients differed). The same kernel with ``dropout_p=0`` draws nothing.
+    """
+    if torch.Tag.nondeterministic_seeded not in func.tags:
+        return False
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name == "dropout_p":
+            p = kwargs["dropout_p"] if "dropout_p" in kwargs else args[i] if i < len(args) else arg.default_value
+            return bool(p)
+    return True
+
+
+def saves_under_save_matmuls(func, args: tuple, kwargs: dict) -> bool:
+    """The ``save_matmuls`` policy's choice for one op call: keep compute-bound ops that draw no random numbers."""
+    return func.overloadpacket in _SAVED_BY_SAVE_MATMULS and not draws_random(func, args, kwargs)
+
+
 def _save_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
-    if func.overloadpacket in _SAVED_BY_SAVE_MATMULS:
+    if saves_under_save_matmuls(func, args, kwargs):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
