@@ -222,3 +222,53 @@ def test_shared_module_each_call_is_a_block():
     _assert_same(_step(model, batch), _step(rmodel, batch))
     rev = revify.revify(model, _inputs("albert", 2, 12), strategy="reversible").revify_plan
     assert not rev.reversible and any("shared module" in r.reason for r in rev.rejections)
+
+
+def test_no_cache_in_training_rules():
+    """The hook turns the cache off for training calls only, honours a forward's own default, warns once,
+    and the analysis context leaves the user's model without hooks."""
+    from torch import nn
+
+    from revify.runtime.argument_check import runtime_refusal
+    from revify.runtime.training_cache import analysing_without_cache, install_no_cache
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x, use_cache=True):
+            self.seen.append(use_cache)
+            return x
+
+    class Wrapper(nn.Module):  # a user's module around a decoder: the hook goes on the decoder
+        def __init__(self):
+            super().__init__()
+            self.decoder = Decoder()
+
+        def forward(self, x):
+            return self.decoder(x)
+
+    model = Wrapper()
+    assert install_no_cache(model) == 1
+    x = torch.ones(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x), model(x)  # training: off, one warning
+        with torch.no_grad():
+            model(x)  # no_grad: the default (True) stays
+        model.eval()(x)  # eval: stays
+    assert model.decoder.seen == [False, False, True, True]
+    assert len([w for w in caught if "use_cache" in str(w.message)]) == 1
+    fresh = Wrapper().eval()
+    with analysing_without_cache(fresh):
+        fresh(x)  # revify's analysis: a training call whatever the mode
+    fresh(x)
+    assert fresh.decoder.seen == [False, True] and not fresh.decoder._forward_pre_hooks
+
+    slot = ("arg", 0)
+    assert runtime_refusal((x,), {"mask": None, "bias": (x, x), "n": 3}, slot) is None
+    assert "mutable object (dict)" in runtime_refusal((x,), {"cache": {"k": x}}, slot)
+    assert "mutable object (Decoder)" in runtime_refusal((x, (x, Decoder())), {}, slot)
+    assert runtime_refusal((x, x.requires_grad_()), {}, slot) is None
+    assert "requiring grad" in runtime_refusal((x, x), {}, slot, grad_free=[("arg", 1)])

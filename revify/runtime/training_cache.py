@@ -41,10 +41,19 @@ WARNING = ("revify: use_cache=True is incompatible with recomputing blocks in tr
            "Evaluation, no_grad and generate() keep the cache.")
 
 
+def _use_cache_default(module: nn.Module) -> Any:
+    """The default of ``forward``'s ``use_cache`` parameter; ``inspect.Parameter.empty`` without one."""
+    try:
+        param = inspect.signature(module.forward).parameters.get("use_cache")
+    except (TypeError, ValueError):  # a forward without a signature (a C extension): leave it alone
+        return inspect.Parameter.empty
+    return inspect.Parameter.empty if param is None else param.default
+
+
 def _takes_use_cache(module: nn.Module) -> bool:
     try:
         return "use_cache" in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):  # a forward without a signature (a C extension): leave it alone
+    except (TypeError, ValueError):
         return False
 
 
@@ -80,8 +89,12 @@ class NoCacheInTraining:
         asked = kwargs.get("use_cache")
         if asked is False:
             return None
-        if asked is None and not getattr(getattr(module, "config", None), "use_cache", False):
-            return None  # the forward's own default (the config's) builds no cache
+        if "use_cache" not in kwargs:
+            asked = _use_cache_default(module)
+        if asked is None:  # transformers' convention: None means the config's value
+            asked = getattr(getattr(module, "config", None), "use_cache", False)
+        if asked is not True:
+            return None  # this call builds no cache
         if not analysing and not self.warned:
             self.warned = True
             warnings.warn(WARNING, stacklevel=3)
