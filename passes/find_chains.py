@@ -68,6 +68,20 @@ class Chain:
         """Whether blocks ``[start, end)`` receive the same side inputs (one segment may hold them)."""
         return len(set(self.side_groups[start:end])) <= 1
 
+    def parts_with_same_side_inputs(self) -> list[Chain]:
+        """Maximal runs of at least two blocks that receive the same side inputs, as chains (the whole
+        chain when all do, or when no such run exists, so that its refusal names the reason)."""
+        groups = self.side_groups
+        if len(set(groups)) <= 1:
+            return [self]
+        parts, start = [], 0
+        for k in range(1, len(groups) + 1):
+            if k == len(groups) or groups[k] != groups[start]:
+                if k - start >= 2:
+                    parts.append(Chain(self.parent, self.blocks[start:k], self.stem if start == 0 else None))
+                start = k
+        return parts or [self]
+
     @property
     def shared(self) -> bool:
         """Whether one module is several blocks of the chain (called several times per forward)."""

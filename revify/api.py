@@ -85,7 +85,8 @@ def _analyse(model: nn.Module, example_inputs: Any, strategy: str, options: Reve
         return plan, trace
     options = options or ReversibleOptions()
     if strategy == "reversible":
-        for chain in analysis.chains:
+        # reversible steps run with the first block's side inputs: runs that share them (Gemma 3's sliding layers)
+        for chain in (part for c in analysis.chains for part in c.parts_with_same_side_inputs()):
             decided = plan_reversible(chain, options)
             if isinstance(decided, ReversiblePlan):
                 plan.reversible.append(decided)
