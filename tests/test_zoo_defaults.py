@@ -168,6 +168,34 @@ def test_alternating_layer_types_form_one_chain_with_segments_per_side_input():
     assert sum(s.end - s.start for s in chain.segments) == 7 and any(s.end - s.start > 1 for s in chain.segments)
 
 
+def test_planner_profiles_each_kind_of_block_once_with_its_own_side_inputs():
+    """Gemma 2 alternates two masks: two profiles, each block priced with the one of its own kind."""
+    from revify.api import analyse_model
+    from revify.passes import profile_blocks
+
+    torch.manual_seed(0)
+    model = FAMILIES["gemma2"]().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, _, analysis = analyse_model(model, _inputs("gemma2", 2, 12), "checkpoint")
+    (chain,) = analysis.chains
+    assert chain.side_groups == (0, 1, 0, 1)
+    seen = []
+    original = profile_blocks.profile_block
+
+    def counting(module, info, args, kwargs, repeats=3):
+        seen.append(kwargs.get("attention_mask"))
+        return original(module, info, args, kwargs, 1)
+
+    profile_blocks.profile_block = counting
+    try:
+        (prof,) = profile_blocks.profile_chains(model, [chain])
+    finally:
+        profile_blocks.profile_block = original
+    assert len(seen) == 2 and seen[0] is not seen[1]
+    assert prof.blocks[0] is prof.blocks[2] and prof.blocks[1] is prof.blocks[3] and prof.blocks[0] is not prof.blocks[1]
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2"])
 def test_generate_gives_the_original_tokens(name):
     torch.manual_seed(0)
