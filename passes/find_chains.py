@@ -8,10 +8,10 @@ block to block: Gemma 2 alternates sliding-window and full attention masks
 later ones receive. ``Chain.side_groups`` numbers the distinct side inputs;
 a checkpoint segment of several blocks stays within one group, since its
 head runs the later blocks with its own side inputs. A module the parent
-calls several times in a row (ALBERT's shared layer) is a block per call. This works whether the parent
-was captured by fx or left eager, because it reads the recorded dataflow, not
-the parent's source. Each block is then captured on its own and analysed for
-residual structure and legality.
+calls several times in a row (ALBERT's shared layer) is a block per call.
+This works whether the parent was captured by fx or left eager, because it
+reads the recorded dataflow, not the parent's source. Each block is then
+captured on its own and analysed for residual structure and legality.
 
 Before (calls recorded inside ``bert.encoder``)::
 
@@ -63,10 +63,6 @@ class Chain:
         """Per block, the number of its side inputs (mask, position embeddings) among the chain's distinct ones."""
         seen: dict[tuple, int] = {}
         return tuple(seen.setdefault(b.call.side_signature, len(seen)) for b in self.blocks)
-
-    def same_side_inputs(self, start: int, end: int) -> bool:
-        """Whether blocks ``[start, end)`` receive the same side inputs (one segment may hold them)."""
-        return len(set(self.side_groups[start:end])) <= 1
 
     def parts_with_same_side_inputs(self) -> list[Chain]:
         """Maximal runs of at least two blocks that receive the same side inputs, as chains (the whole
