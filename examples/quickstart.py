@@ -9,7 +9,8 @@ import revify
 
 torch.manual_seed(0)
 config = LlamaConfig(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4,
-                     intermediate_size=688, vocab_size=1000, use_cache=False)  # no KV cache in training
+                     intermediate_size=688, vocab_size=1000)  # use_cache=True by default: revify turns the
+# KV cache off for training calls (as Hugging Face's gradient checkpointing does); generate() keeps it
 model = LlamaForCausalLM(config).train()
 inputs = {"input_ids": torch.randint(0, 1000, (4, 128))}
 

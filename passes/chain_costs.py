@@ -238,8 +238,15 @@ def _sums(values: list[float]) -> list[float]:
 def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int, chain_index: int,
                   policies: tuple[str, ...] = POLICY_OPTIONS, max_segment: int | None = None,
                   reversible: ReversibleCost | None = None, pricing: Pricing = Pricing(),
-                  stem: StemCost | None = None) -> list[Option]:
+                  stem: StemCost | None = None, side_groups: tuple[int, ...] | None = None,
+                  shared: bool = False) -> list[Option]:
     """Every option for every stretch of one chain, at global positions ``offset + i``.
+
+    ``side_groups`` (``Chain.side_groups``): a checkpointed stretch of several
+    blocks must not mix side inputs (its head runs them all with its own).
+    ``shared`` (``Chain.shared``): one module is several blocks, and its one
+    installed forward checkpoints every call alike: each block is its own
+    ``recompute`` segment, nothing else.
 
     With a ``stem``, the bases leave out what the stem saves: every option at
     block 0 keeps it (until the stem's own backward, after the option's),
@@ -277,6 +284,8 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
             options.append(_stem_variant(stem, blocks[0].input_bytes, bases, keep, max(fwd, bwd, extra), seconds,
                                          flops, label, offset, j, pricing))
 
+    if shared:
+        policies, max_segment, stem = tuple(p for p in policies if p == "recompute") or ("recompute",), 1, None
     for i in range(n):
         top = n if max_segment is None else min(n, i + max_segment)
         x = blocks[i].input_bytes
@@ -284,6 +293,12 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
         own = 0 if blocks[i].saves_input else x
         for j in range(i + 1, top + 1):
             bwd = bases.base_b + runs.backward_need(i, j)
+            if side_groups is not None and len(set(side_groups[i:j])) > 1:
+                if "keep" in policies:  # blocks that keep their activations may mix side inputs
+                    kept_before = [runs.kept(i, k) for k in range(i, j)]
+                    fwd = bases.base_f + runs.forward_need(i, j, kept_before)
+                    emit(i, j, runs.kept(i, j), fwd, bwd, 0.0, 0.0, ("keep", chain_index, i, j), False)
+                continue
             if "keep" in policies:
                 kept_before = [runs.kept(i, k) for k in range(i, j)]
                 fwd = bases.base_f + runs.forward_need(i, j, kept_before)

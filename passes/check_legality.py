@@ -13,8 +13,11 @@ Checks, from the recorded call and the block's graph:
 * shape or dtype changes between the hidden input and output (rejected);
 * concatenation shortcuts ``cat(x, f(x))`` (rejected: not a residual);
 * in-place mutation of an input (rejected: recompute would read the mutated value);
-* a module called several times per forward (rejected: shared weights);
-* mutable non-tensor arguments such as a KV cache (rejected: recompute would update it twice);
+* a module called several times per forward (rejected, unless every call is
+  a block of one chain: ``find_chains`` then passes ``call_count=1`` and each
+  call is checkpointed on its own);
+* mutable non-tensor arguments such as a KV cache (rejected: recompute would update it twice;
+  the runtime checks every call's arguments the same way, ``runtime/argument_check``);
 * buffers mutated in forward, e.g. BatchNorm running stats (allowed: the
   runtime swaps in a copy during recompute so they are updated exactly once);
 * random ops such as dropout (allowed: checkpoint replays the RNG state);
@@ -58,7 +61,7 @@ def check_legality(rec: CallRecord, call_count: int, graph: BlockGraph | None,
     mutable = [str(key[1]) for key, kind, _ in rec.side_signature if kind == "object"]
     if mutable:
         reasons.append(f"receives mutable object argument(s) {', '.join(mutable)} "
-                       "(e.g. a KV cache; pass use_cache=False for training)")
+                       "(e.g. a KV cache passed explicitly; revify turns use_cache off for training calls)")
     if mutated_buffers:
         shown = ", ".join(mutated_buffers[:3]) + (", ..." if len(mutated_buffers) > 3 else "")
         notes.append(f"updates buffers {shown} in forward: "

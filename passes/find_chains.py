@@ -2,11 +2,16 @@
 
 A chain is a run of sibling module calls inside one parent where each call
 receives, as its hidden input, exactly the tensor the previous call returned
-(object identity, from ``record_calls``), and all other inputs are shared
-(the same mask, the same position embeddings). This works whether the parent
-was captured by fx or left eager, because it reads the recorded dataflow, not
-the parent's source. Each block is then captured on its own and analysed for
-residual structure and legality.
+(object identity, from ``record_calls``). The other inputs may differ from
+block to block: Gemma 2 alternates sliding-window and full attention masks
+(``config.layer_types``), T5's first block computes the position bias the
+later ones receive. ``Chain.side_groups`` numbers the distinct side inputs;
+a checkpoint segment of several blocks stays within one group, since its
+head runs the later blocks with its own side inputs. A module the parent
+calls several times in a row (ALBERT's shared layer) is a block per call.
+This works whether the parent was captured by fx or left eager, because it
+reads the recorded dataflow, not the parent's source. Each block is then
+captured on its own and analysed for residual structure and legality.
 
 Before (calls recorded inside ``bert.encoder``)::
 
@@ -53,6 +58,31 @@ class Chain:
     blocks: tuple[BlockInfo, ...]
     stem: StemInfo | None = None  # what produced the first block's input (``find_stem``)
 
+    @property
+    def side_groups(self) -> tuple[int, ...]:
+        """Per block, the number of its side inputs (mask, position embeddings) among the chain's distinct ones."""
+        seen: dict[tuple, int] = {}
+        return tuple(seen.setdefault(b.call.side_signature, len(seen)) for b in self.blocks)
+
+    def parts_with_same_side_inputs(self) -> list[Chain]:
+        """Maximal runs of at least two blocks that receive the same side inputs, as chains (the whole
+        chain when all do, or when no such run exists, so that its refusal names the reason)."""
+        groups = self.side_groups
+        if len(set(groups)) <= 1:
+            return [self]
+        parts, start = [], 0
+        for k in range(1, len(groups) + 1):
+            if k == len(groups) or groups[k] != groups[start]:
+                if k - start >= 2:
+                    parts.append(Chain(self.parent, self.blocks[start:k], self.stem if start == 0 else None))
+                start = k
+        return parts or [self]
+
+    @property
+    def shared(self) -> bool:
+        """Whether one module is several blocks of the chain (called several times per forward)."""
+        return len({b.path for b in self.blocks}) < len(self.blocks)
+
 
 @dataclass(frozen=True)
 class Rejection:
@@ -69,7 +99,7 @@ class ChainAnalysis:
 def _linked(prev: CallRecord, cur: CallRecord) -> bool:
     return (prev.hidden_out_id is not None and cur.hidden_in_id == prev.hidden_out_id
             and cur.hidden_in_version == prev.hidden_out_version
-            and cur.hidden_slot == prev.hidden_slot and cur.side_signature == prev.side_signature)
+            and cur.hidden_slot == prev.hidden_slot)
 
 
 def _runs(children: list[CallRecord]) -> list[list[CallRecord]]:
@@ -123,7 +153,14 @@ def find_chains(model: nn.Module, trace: CallTrace) -> ChainAnalysis:
                     graphs[key] = (bg, spine)
                 bg, spine = graphs[key]
                 buffers = _descendant_buffers(trace, rec)
-                legality = check_legality(rec, trace.call_counts.get(rec.path, 1), bg, spine, buffers)
+                calls = trace.call_counts.get(rec.path, 1)
+                # a shared module whose every call is a block of this run: each call is checkpointed
+                # on its own (one installed forward serves them all), so it may be called n times
+                shared = calls > 1 and sum(r.path == rec.path for r in run) == calls
+                legality = check_legality(rec, 1 if shared else calls, bg, spine, buffers)
+                if shared:
+                    legality = Legality(legality.ok, legality.reasons, legality.notes + (
+                        f"shared module called {calls} times per forward: each call is a block",))
                 installed = model.get_submodule(rec.path).__dict__.get("forward")
                 if getattr(installed, "revify_installed", False):
                     legality = Legality(False, ("already converted by revify",) + legality.reasons, legality.notes)

@@ -169,7 +169,7 @@ def build_problem(profiles: list[ChainProfile], step: StepProfile, *, policies: 
     for c, (prof, base) in enumerate(zip(profiles, bases)):
         rev = reversible[c] if reversible else None
         options += chain_options(prof.blocks, base, offset, c, policies, reversible=rev, pricing=pricing,
-                                 stem=prof.stem)
+                                 stem=prof.stem, side_groups=prof.chain.side_groups, shared=prof.chain.shared)
         offset += len(prof.blocks)
     if budget_for == "activations":
         loss = step.find("loss")

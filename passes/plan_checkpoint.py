@@ -120,9 +120,26 @@ def per_block_segments(n: int) -> tuple[Segment, ...]:
     return tuple(Segment(i, i + 1) for i in range(n))
 
 
+def split_at_side_inputs(chain: Chain, segments: tuple[Segment, ...]) -> tuple[Segment, ...]:
+    """Segments cut where the blocks' side inputs change (a head runs its segment with its own)."""
+    groups = chain.side_groups
+    out = []
+    for seg in segments:
+        start = seg.start
+        for k in range(seg.start + 1, seg.end):
+            if groups[k] != groups[k - 1]:
+                out.append(Segment(start, k, seg.policy))
+                start = k
+        out.append(Segment(start, seg.end, seg.policy))
+    return tuple(out)
+
+
 def plan_checkpoint(chain: Chain, schedule: str = "sqrt(n)") -> ChainPlan:
+    if chain.shared and schedule != "per-block":
+        # one module, several blocks: its one installed forward checkpoints each call on its own
+        return ChainPlan(chain, per_block_segments(len(chain.blocks)), "per-block")
     if schedule == "sqrt(n)":
-        return ChainPlan(chain, sqrt_segments(len(chain.blocks)), schedule)
+        return ChainPlan(chain, split_at_side_inputs(chain, sqrt_segments(len(chain.blocks))), schedule)
     if schedule == "per-block":
         return ChainPlan(chain, per_block_segments(len(chain.blocks)), schedule)
     raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")

@@ -112,6 +112,12 @@ def plan_reversible(chain: Chain, options: ReversibleOptions) -> ReversiblePlan 
                         base.beta if options.beta is None else options.beta, base.switch, base.output)
     first = blocks[0]
     where = f"{first.path} … {blocks[-1].path}"
+    if chain.shared:
+        return Rejection(where, "a shared module is several blocks of this chain (called several times per "
+                                "forward); a reversible step needs a module of its own")
+    if len(set(chain.side_groups)) > 1:
+        return Rejection(where, "blocks receive different side inputs (e.g. alternating sliding/full attention "
+                                "masks); reversible steps run every block with the first one's")
     if any(b.call.feed_index is not None for b in blocks):
         return Rejection(where, "blocks return a tuple; a reversible chain needs blocks that return "
                                 "only their hidden state")

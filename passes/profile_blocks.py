@@ -558,18 +558,20 @@ def profile_chains(model: nn.Module, chains: list[Chain] | tuple[Chain, ...], re
             if b.call.example_kwargs is not None:
                 recorded.setdefault(_kind(b.call), b.call)
     for chain in chains:
-        first = chain.blocks[0].call
-        # later blocks of a chain share the first one's side inputs (find_chains checks it)
-        if first.example_kwargs is None:
-            first = recorded.get(_kind(first), first)
-        if first.example_kwargs is None:
-            raise ValueError(f"no recorded arguments to profile {chain.blocks[0].path} with")
-        args, kwargs = tuple(first.example_args or ()), dict(first.example_kwargs or {})
         costs = []
         for info in chain.blocks:
+            # each block with the side inputs it receives (Gemma 2 alternates sliding and full
+            # masks): the recorded arguments of the first call of its kind, measured once per kind
+            first = info.call if info.call.example_kwargs is not None else recorded.get(_kind(info.call), info.call)
+            if first.example_kwargs is None:  # its kind's first call is no chain's block: the chain's first one
+                head = chain.blocks[0].call
+                first = head if head.example_kwargs is not None else recorded.get(_kind(head), head)
+            if first.example_kwargs is None:
+                raise ValueError(f"no recorded arguments to profile {info.path} with")
             module = model.get_submodule(info.path)
             key = (_signature(module), info.call.hidden_in_shape, first.index)
             if key not in measured:
+                args, kwargs = tuple(first.example_args or ()), dict(first.example_kwargs or {})
                 measured[key] = profile_block(module, info, args, kwargs, repeats)
             costs.append(measured[key])
         stem = profile_stem(model, chain.stem, repeats) if chain.stem is not None else None

@@ -55,12 +55,17 @@ def rewrite_checkpoint(model: nn.Module, plans: list[ChainPlan],
     rmodel = share_structure(model) if rmodel is None else rmodel
     segments = []
     for plan in plans:
+        installed: set[str] = set()  # a shared module is several blocks: its first segment serves every call
         blocks = plan.chain.blocks
         stem = CheckpointStem(rmodel.get_submodule(plan.stem)) if plan.stem is not None else None
         if stem is not None:
             stem.install()
         for segment in plan.segments:
             start, end = segment.start, segment.end
+            if plan.chain.shared:
+                if blocks[start].path in installed:
+                    continue
+                installed.add(blocks[start].path)
             modules = [rmodel.get_submodule(b.path) for b in blocks[start:end]]
             buffers = []
             for name in (n for b in blocks[start:end] for n in b.mutated_buffers):
@@ -68,7 +73,7 @@ def rewrite_checkpoint(model: nn.Module, plans: list[ChainPlan],
                 buffers.append((rmodel.get_submodule(owner_path), buf_name))
             seg = CheckpointSegment(modules, blocks[start].call.hidden_slot, buffers, segment.policy,
                                     segment.saved_ops, segment.elided_ops, segment.op_digests,
-                                    stem if start == 0 else None)
+                                    stem if start == 0 and not plan.chain.shared else None)
             seg.install()
             segments.append(seg)
     return rmodel, segments

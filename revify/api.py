@@ -28,6 +28,7 @@ from revify.passes.rewrite_checkpoint import rewrite_checkpoint, share_structure
 from revify.passes.rewrite_reversible import rewrite_reversible
 from revify.plan import Plan
 from revify.runtime.reversible_chain import stored_activations  # noqa: F401  (public)
+from revify.runtime.training_cache import analysing_without_cache, install_no_cache
 from revify.units import parse_bytes
 
 STRATEGIES = ("checkpoint", "reversible", "auto")
@@ -49,7 +50,8 @@ def analyse_model(model: nn.Module, example_inputs: Any, strategy: str) -> tuple
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     plan = Plan(strategy=strategy)
-    trace = record_calls(model, example_inputs)
+    with analysing_without_cache(model):  # the example call is a training call: no KV cache
+        trace = record_calls(model, example_inputs)
     if trace.error is not None:
         plan.errors.append(f"the model's forward raised on the example inputs: {trace.error}")
         return plan, None, None
@@ -83,7 +85,8 @@ def _analyse(model: nn.Module, example_inputs: Any, strategy: str, options: Reve
         return plan, trace
     options = options or ReversibleOptions()
     if strategy == "reversible":
-        for chain in analysis.chains:
+        # reversible steps run with the first block's side inputs: runs that share them (Gemma 3's sliding layers)
+        for chain in (part for c in analysis.chains for part in c.parts_with_same_side_inputs()):
             decided = plan_reversible(chain, options)
             if isinstance(decided, ReversiblePlan):
                 plan.reversible.append(decided)
@@ -92,9 +95,10 @@ def _analyse(model: nn.Module, example_inputs: Any, strategy: str, options: Reve
     elif schedule == "budget":
         if analysis.chains:
             budget = None if memory_budget is None else parse_bytes(memory_budget)
-            decided = plan_budget(model, list(analysis.chains), example_inputs, budget,
-                                  allow_reversible=strategy == "auto", reversible_options=options, loss_fn=loss_fn,
-                                  budget_for=budget_for, recompute_cost=recompute_cost)
+            with analysing_without_cache(model):
+                decided = plan_budget(model, list(analysis.chains), example_inputs, budget,
+                                      allow_reversible=strategy == "auto", reversible_options=options,
+                                      loss_fn=loss_fn, budget_for=budget_for, recompute_cost=recompute_cost)
             plan.chains, plan.reversible, plan.budget = decided.chains, decided.reversible, decided
     else:
         plan.chains = [plan_checkpoint(c, schedule) for c in analysis.chains]
@@ -147,9 +151,13 @@ def convert(model: nn.Module, plan: Plan, trace: CallTrace | None, example_input
             rmodel, chains, dropped = rewrite_reversible(model, plan.reversible, trace, rmodel)
             plan.rejections += dropped
             if calibrate:
-                calibrate_reversible(model, rmodel, chains, plan.reversible, example_inputs)
+                install_no_cache(rmodel)
+                with analysing_without_cache(model):
+                    calibrate_reversible(model, rmodel, chains, plan.reversible, example_inputs)
         if plan.chains:
             rewrite_checkpoint(model, plan.chains, rmodel)
+        if plan.chains or plan.reversible:
+            install_no_cache(rmodel)  # training calls build no KV cache; eval and generate() keep it
     except Exception as exc:  # a module revify cannot rewrite must not stop the user's training
         plan.errors.append(f"rewrite failed: {type(exc).__name__}: {exc}")
         plan.chains, plan.reversible = [], []

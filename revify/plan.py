@@ -79,6 +79,11 @@ class Plan:
                              f"recomputes {cp.recompute_fraction:.0%} of its forward")
             for note in dict.fromkeys(n for b in blocks for n in b.legality.notes):
                 lines.append(f"    note: {note}")
+            groups = cp.chain.side_groups
+            if len(set(groups)) > 1:
+                lines.append(f"    note: blocks receive {len(set(groups))} different sets of side inputs "
+                             f"(pattern {''.join(chr(ord('A') + g) for g in groups)}): each block runs with its "
+                             "own; a segment of several blocks stays within one set")
         for rp in self.reversible:
             lines += _reversible_lines(rp, len(self.chains) + self.reversible.index(rp))
         for rej in self.rejections:

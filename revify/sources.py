@@ -229,8 +229,8 @@ def inputs_from_config(config: Any, model_cls: type, batch_size: int, seq_len: i
     else:
         raise SourceError(f"cannot synthesise example inputs for a {getattr(config, 'model_type', '?')} config "
                           "(neither token ids with a vocab_size nor pixel values with an image_size)")
-    if "use_cache" in params:
-        entries.append(("use_cache", False))  # a KV cache is mutable state blocks cannot be recomputed with
+    # no use_cache=False here: revify analyses the example call as a training call, and the
+    # converted model turns the cache off for training calls itself (runtime/training_cache)
     return InputSpec("kwargs", tuple(entries))
 
 

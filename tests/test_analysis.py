@@ -140,8 +140,10 @@ def test_rejections_have_reasons():
     assert not plan.chains  # shapes change, so no run of linked calls even forms
     plan, text = _inspect(Stack(MutatesInput), torch.randn(2, 8))
     assert not plan.chains and "mutates an input in place" in text
+    # a shared module called 4 times is 4 blocks, each call its own checkpoint (test_zoo_defaults: ALBERT)
     plan, text = _inspect(Stack(Plain, share=True), torch.randn(2, 8))
-    assert not plan.chains and "called 4 times per forward" in text
+    assert [s.end - s.start for s in plan.chains[0].segments] == [1, 1, 1, 1]
+    assert "shared module called 4 times per forward: each call is a block" in text
 
 
 def test_data_dependent_control_flow_is_noted_and_still_exact():

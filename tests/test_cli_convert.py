@@ -82,8 +82,8 @@ def test_convert_then_load(hf_folders, tmp_path, name, strategy, extra):
     assert manifest["strategy"] == strategy
     entries = {e["name"]: e for e in manifest["inputs"]["entries"]}
     assert entries["input_ids"]["tensor"]["shape"] == [2, 16]
-    if name != "bert":
-        assert entries["use_cache"]["value"] is False
+    # no use_cache=False recorded: the converted model turns the KV cache off for training calls itself
+    assert "use_cache" not in entries
 
     loaded = revify.load(dst)
     inputs = loaded._revify_record.inputs.synthesise()
@@ -98,7 +98,10 @@ def test_convert_then_load(hf_folders, tmp_path, name, strategy, extra):
              + ([list(s.op_digests)] if s.op_digests else []) for s in plan.chains[0].segments]
         # the same function and gradients as the original checkpoint, dropout on
         original = read_source(src, seq_len=16).model
-        out_o, grads_o = _step(original, inputs)
+        # the converted model trains without a KV cache, as Hugging Face's gradient checkpointing does;
+        # GPT-2's cache alone changes its gradients in the last bits (a cat makes the keys contiguous)
+        plain = {**inputs, "use_cache": False} if name != "bert" else inputs
+        out_o, grads_o = _step(original, plain)
         out_l, grads_l = _step(loaded, inputs)
         assert torch.equal(out_o, out_l)
         assert grads_o.keys() == grads_l.keys() and all(torch.equal(grads_o[k], grads_l[k]) for k in grads_o)

@@ -42,6 +42,8 @@ import functools
 
 from revify.passes.record_calls import fed_tensor, get_slot, set_slot, side_signature
 
+from .argument_check import runtime_refusal, warn_plain
+
 if TYPE_CHECKING:
     from .checkpoint_stem import CheckpointStem, StemInput
 
@@ -462,6 +464,7 @@ class CheckpointSegment:
         self.mutated_buffers = mutated_buffers
         self.pending: _Pending | None = None
         self.fallback_calls = 0  # relays that had to compute on their own
+        self.plain_calls = 0  # calls whose arguments forbid recomputation (``argument_check``): run plainly
         self.stem = stem  # recomputed to rebuild the head's input in backward, instead of keeping it
 
     def __getstate__(self) -> dict:
@@ -542,6 +545,13 @@ class CheckpointSegment:
         self.pending = None
         if not torch.is_grad_enabled():  # inference: nothing to save, nothing to recompute
             return self.forwards[0](*args, **kwargs)
+        refusal = runtime_refusal(args, kwargs, self.hidden_slot)
+        if refusal is not None:  # e.g. a KV cache: a recompute would update it twice
+            if self.stem is not None:
+                self.stem.take(None)
+            self.plain_calls += 1
+            warn_plain(type(self.blocks[0]).__name__, refusal)
+            return self.forwards[0](*args, **kwargs)
         if not isinstance(get_slot(args, kwargs, self.hidden_slot), torch.Tensor):
             # called differently from the recorded call: this block alone, checkpointed
             if self.stem is not None:
@@ -585,6 +595,11 @@ class CheckpointSegment:
                 pending.rng_before[k].restore()
         if not torch.is_grad_enabled():
             return self.forwards[k](*args, **kwargs)
+        refusal = runtime_refusal(args, kwargs, self.hidden_slot)
+        if refusal is not None:
+            self.plain_calls += 1
+            warn_plain(type(self.blocks[k]).__name__, refusal)
+            return self._run_one(k, *args, **kwargs)
         self.fallback_calls += 1
         return _checkpoint(functools.partial(self._run_one, k), self._policy(k), *args, **kwargs)
 

@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten
 
 from revify.passes.record_calls import fed_tensor
 
+from .argument_check import runtime_refusal
 from .checkpoint_segment import (RngStates, _checkpoint, _has_forward_hooks, is_fed, opaque_to_dynamo,
                                  original_forward, unshard_fsdp)
 
@@ -159,7 +160,8 @@ class CheckpointStem:
         owned = list(self.module.parameters()) + list(self.module.buffers())
         devices = [t.device for t in tensors + owned]
         if (not torch.is_grad_enabled() or _has_forward_hooks(self.module) or _has_backward_hooks(self.module)
-                or any(d.type not in ("cpu", "cuda") for d in devices)):
+                or any(d.type not in ("cpu", "cuda") for d in devices)
+                or runtime_refusal(args, kwargs, None) is not None):  # a mutable argument: no rerun
             # hooks see the call, not its recompute; other accelerators' RNG is not replayed here
             return self.forward(*args, **kwargs)
         rng = RngStates(devices)
