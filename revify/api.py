@@ -147,7 +147,7 @@ def convert(model: nn.Module, plan: Plan, trace: CallTrace | None, example_input
             rmodel, chains, dropped = rewrite_reversible(model, plan.reversible, trace, rmodel)
             plan.rejections += dropped
             if calibrate:
-                calibrate_reversible(model, rmodel, chains, plan.reversible, example_inputs)
+                plan.rejections += calibrate_reversible(model, rmodel, chains, plan.reversible, example_inputs)
         if plan.chains:
             rewrite_checkpoint(model, plan.chains, rmodel)
     except Exception as exc:  # a module revify cannot rewrite must not stop the user's training
