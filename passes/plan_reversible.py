@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from revify.runtime.adapter import ADAPTER_INITS
 from revify.runtime.reversible_chain import AnchorSet, Coupling
 
@@ -108,18 +110,55 @@ class ReversiblePlan:
         return [(a, b, max(errs[a:b], default=0.0)) for a, b in zip(bounds, bounds[1:])]
 
 
-def plan_reversible(chain: Chain, options: ReversibleOptions) -> ReversiblePlan | Rejection:
+_CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm,
+                   nn.InstanceNorm2d)
+
+
+def features_last(block: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Does ``block`` treat the last dimension of its hidden input as features (channels-last)?
+
+    The first layer with weights decides: a convolution or batch/group norm
+    reads channels from dimension 1; a linear layer or a norm over the last
+    dimension of the input's size reads them from the last.
+    """
+    for m in block.modules():
+        if isinstance(m, _CHANNELS_FIRST):
+            return False
+        if isinstance(m, nn.Linear):
+            return m.in_features == shape[-1]
+        normalized = getattr(m, "normalized_shape", None)
+        if normalized is not None:
+            return tuple(normalized)[-1:] == tuple(shape[-1:])
+        weight = getattr(m, "weight", None)
+        if isinstance(weight, nn.Parameter) and not list(m.children()):  # an RMSNorm-like scale
+            return weight.dim() == 1 and weight.shape[0] == shape[-1]
+    return False
+
+
+def plan_reversible(chain: Chain, options: ReversibleOptions, model: nn.Module | None = None
+                    ) -> ReversiblePlan | Rejection:
+    """``model`` (the analysed module) lets MEFT accept channels-last feature maps (B, H, W, C)."""
     blocks = chain.blocks
     base = COUPLINGS[options.coupling]
     coupling = Coupling(base.name, base.lam if options.lam is None else options.lam,
                         base.beta if options.beta is None else options.beta, base.switch, base.output)
     first = blocks[0]
     where = f"{first.path} … {blocks[-1].path}"
+    if any(b.call.hidden_out_id is not None and b.call.hidden_out_id == b.call.hidden_in_id for b in blocks):
+        return Rejection(where, f"identity blocks without compute ({first.module_type} returns its input "
+                                "unchanged): nothing to make reversible, and adapters there would change the model")
+    paths = [b.path for b in blocks]
+    if len(set(paths)) < len(paths):
+        shared = next(p for p in paths if paths.count(p) > 1)
+        return Rejection(where, f"shared module: {shared} is called {paths.count(shared)} times per forward "
+                                "(shared layers, as in ALBERT); a reversible chain needs one module per coupling "
+                                "step, since its adapters and installed forward live on the module")
     shape = first.call.hidden_in_shape or ()
-    if base.name != "revnet" and len(shape) not in (2, 3):
-        return Rejection(where, f"MEFT adapters act on the last (feature) dimension of (batch, features) or "
-                                f"(batch, tokens, features) hidden states; this chain carries shape {shape}: "
-                                "use coupling='revnet'")
+    if base.name != "revnet" and len(shape) not in (2, 3) and not (
+            len(shape) > 3 and model is not None and features_last(model.get_submodule(first.path), shape)):
+        return Rejection(where, f"MEFT adapters act on the last (feature) dimension of (batch, features), "
+                                f"(batch, tokens, features) or channels-last (batch, …, channels) hidden states; "
+                                f"this chain carries shape {shape} with channels first: use coupling='revnet'")
     if base.name == "meft3":
         bad = [b for b in blocks if b.sublayers != 2 or "partial" in b.residual]
         if bad:

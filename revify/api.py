@@ -19,6 +19,7 @@ from revify.passes.calibrate_reversible import calibrate_reversible
 from revify.passes.capture import capture_regions
 from revify.passes.chain_costs import Pricing
 from revify.passes.find_chains import find_chains
+from revify.passes.find_list_inputs import find_list_inputs
 from revify.passes.find_stem import find_stems
 from revify.passes.plan_budget import BudgetError, plan_budget
 from revify.passes.plan_checkpoint import SCHEDULES, plan_checkpoint
@@ -55,7 +56,7 @@ def analyse_model(model: nn.Module, example_inputs: Any, strategy: str) -> tuple
         return plan, None, None
     plan.regions = capture_regions(model, trace)
     analysis = find_stems(model, trace, find_chains(model, trace))
-    plan.rejections = list(analysis.rejections)
+    plan.rejections = list(analysis.rejections) + find_list_inputs(trace)
     return plan, trace, analysis
 
 
@@ -84,7 +85,7 @@ def _analyse(model: nn.Module, example_inputs: Any, strategy: str, options: Reve
     options = options or ReversibleOptions()
     if strategy == "reversible":
         for chain in analysis.chains:
-            decided = plan_reversible(chain, options)
+            decided = plan_reversible(chain, options, model)
             if isinstance(decided, ReversiblePlan):
                 plan.reversible.append(decided)
             else:
