@@ -21,7 +21,9 @@ Couplings (``y1 = λ·x1 + F(x2)``, ``y2 = β·x2 + G(y1)``):
   function rides on ``y1``.
 * ``meft2``: F = adapter, G = block + adapter; switched. The function rides on ``y2``.
 * ``meft3``: F = the block's first residual sub-layer (attention) + adapter,
-  G = its second (MLP) + adapter; not switched. Needs two residual sub-layers.
+  G = its second (MLP) + adapter; not switched. Needs two residual sub-layers;
+  with more (a decoder's self-attention, cross-attention, MLP) F takes all
+  but the last.
 * ``revnet``: λ = β = 1, F and G are the residual functions ``block(x) − x``
   of two consecutive blocks, no adapters. For training from scratch: it does
   not preserve the pretrained function.
@@ -144,7 +146,9 @@ def plan_reversible(chain: Chain, options: ReversibleOptions, model: nn.Module |
                         base.beta if options.beta is None else options.beta, base.switch, base.output)
     first = blocks[0]
     where = f"{first.path} … {blocks[-1].path}"
-    if any(b.call.hidden_out_id is not None and b.call.hidden_out_id == b.call.hidden_in_id for b in blocks):
+    # the very tensor it was given, unmodified (an in-place ``x += f(x)`` bumps the version)
+    if any(b.call.hidden_out_id is not None and b.call.hidden_out_id == b.call.hidden_in_id
+           and b.call.hidden_out_version == b.call.hidden_in_version for b in blocks):
         return Rejection(where, f"identity blocks without compute ({first.module_type} returns its input "
                                 "unchanged): nothing to make reversible, and adapters there would change the model")
     paths = [b.path for b in blocks]
@@ -160,7 +164,7 @@ def plan_reversible(chain: Chain, options: ReversibleOptions, model: nn.Module |
                                 f"(batch, tokens, features) or channels-last (batch, …, channels) hidden states; "
                                 f"this chain carries shape {shape} with channels first: use coupling='revnet'")
     if base.name == "meft3":
-        bad = [b for b in blocks if b.sublayers != 2 or "partial" in b.residual]
+        bad = [b for b in blocks if b.sublayers < 2 or "partial" in b.residual]
         if bad:
             return Rejection(where, f"meft3 needs blocks with two residual sub-layers (attention, MLP); "
                                     f"{bad[0].path} has {bad[0].residual}")

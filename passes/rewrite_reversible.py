@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from revify.runtime.adapter import Adapter
 from revify.runtime.checkpoint_segment import original_forward
@@ -34,7 +35,7 @@ from revify.runtime.reversible_chain import (AdapterCall, BlockCall, CouplingSte
 
 from .find_chains import Rejection
 from .plan_reversible import ReversiblePlan
-from .record_calls import CallTrace
+from .record_calls import CallTrace, set_slot
 from .rewrite_checkpoint import share_structure
 from .split_sublayers import SplitError, split_block
 
@@ -62,22 +63,26 @@ def _meft3_extras(forward, call) -> tuple | None:
     """What the block returns beside its hidden state, from a run on its recorded arguments.
 
     MEFT3 runs a block as two sub-layer halves that produce only the hidden
-    state, so it keeps a tuple output only when every extra is None.
+    state, so it keeps a tuple output only when every extra is None or a side
+    input handed back (T5's position bias): the template of ``FixedExtras``.
     """
     if call.example_args is None:
         return None
+    args, kwargs = tuple(call.example_args), dict(call.example_kwargs or {})
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        out = forward(*call.example_args, **dict(call.example_kwargs or {}))
+        out = forward(*args, **kwargs)
     if isinstance(out, torch.Tensor):
         return None
+    side = tree_flatten(set_slot(args, kwargs, call.hidden_slot, None))[0]
     extras = tuple(out[1:]) if isinstance(out, tuple) else ()
-    if any(e is not None for e in extras):
+    template = tuple(None if e is None else next((j for j, t in enumerate(side) if t is e), -1) for e in extras)
+    if -1 in template:
         kinds = ", ".join(type(e).__name__ if not isinstance(e, torch.Tensor) else f"tensor {tuple(e.shape)}"
-                          for e in extras if e is not None)
+                          for e, j in zip(extras, template) if j == -1)
         raise RewriteRefusal(f"meft3 runs each block as two sub-layer halves, but {call.path} returns "
                              f"{kinds} beside its hidden state (attention weights or a side output) that "
                              "the halves do not produce; use meft1 or meft2")
-    return extras
+    return template
 
 
 def build_chain(rmodel: nn.Module, plan: ReversiblePlan) -> ReversibleChain:

@@ -96,10 +96,19 @@ class BlockCall:
 
 
 class FixedExtras:
-    """The extras of a block that F and G do not run whole (MEFT3 halves): all None, checked at conversion."""
+    """The extras of a block that F and G do not run whole (MEFT3 halves), fixed at conversion.
 
-    def __init__(self, extras: tuple | None):
-        self.extras = extras
+    Each entry of ``template`` is None, or the position among the chain's side-input leaves of
+    a side input the block hands back (T5 returns the position bias it was given).
+    """
+
+    def __init__(self, template: tuple | None):
+        self.template = template
+
+    def resolve(self, side_leaves: list) -> tuple | None:
+        if self.template is None:
+            return None
+        return tuple(None if j is None else side_leaves[j] for j in self.template)
 
 
 class HalfCall:
@@ -635,7 +644,9 @@ class ReversibleChain:
 
 def _step_extras(step: CouplingStep, run: _Run) -> list[tuple | None]:
     """The extras each block of ``step`` returned in the step just run (None: it returns a plain tensor)."""
-    return [src.extras for src in step.extras_from] if step.extras_from else [None] * len(step.blocks)
+    if not step.extras_from:
+        return [None] * len(step.blocks)
+    return [src.resolve(run.side_leaves) if isinstance(src, FixedExtras) else src.extras for src in step.extras_from]
 
 
 def _is_new(t: torch.Tensor, run: _Run) -> bool:
