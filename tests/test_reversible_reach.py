@@ -18,7 +18,8 @@ import revify
 from test_reversible import _assert_grads_close, _perturb_adapters
 from zoo import ZooCase, _logits_loss, train_step
 
-DRAWS = (11, 12, 13)  # three fresh dropout / drop-path draws, none of them the calibration's
+DRAWS = (11, 12, 13)  # three fresh dropout / drop-path draws, none of them the calibration's; the last
+# on a batch of another shape
 
 
 def _text(vocab: int = 100, batch: int = 2, seq: int = 12) -> dict:
@@ -144,12 +145,27 @@ def _parents(rmodel: nn.Module) -> set[str]:
     return {p.chain.parent for p in rmodel.revify_plan.reversible}
 
 
+def _other_batch(inputs: dict | tuple) -> dict | tuple:
+    """The example inputs with another batch size (and sequence length): what training feeds later."""
+    if isinstance(inputs, tuple):
+        torch.manual_seed(4)
+        return tuple(torch.randn(3, *x.shape[1:]) for x in inputs)
+    if "pixel_values" in inputs:
+        torch.manual_seed(4)
+        return {"pixel_values": torch.randn(3, 3, 32, 32)}
+    other = {**inputs, **_text(batch=3, seq=9)}
+    if "decoder_input_ids" in inputs:
+        other["decoder_input_ids"] = inputs["decoder_input_ids"][:1].repeat(3, 1)
+    return other
+
+
 def _assert_matches_stored_on_fresh_draws(case: ZooCase, rmodel: nn.Module) -> None:
     _perturb_adapters(rmodel)
-    for seed in DRAWS:
-        _, loss_rev, grads_rev = train_step(rmodel, case, seed=seed)
+    other = ZooCase(case.name, case.model, _other_batch(case.example_inputs), case.loss_fn, case.n_blocks)
+    for seed, batch in zip(DRAWS, (case, case, other)):
+        _, loss_rev, grads_rev = train_step(rmodel, batch, seed=seed)
         with revify.stored_activations(rmodel):
-            _, loss_ref, grads_ref = train_step(rmodel, case, seed=seed)
+            _, loss_ref, grads_ref = train_step(rmodel, batch, seed=seed)
         assert torch.allclose(loss_rev, loss_ref, rtol=1e-6), (seed, loss_rev, loss_ref)
         assert grads_rev, "nothing trainable"
         _assert_grads_close(grads_rev, grads_ref)
