@@ -23,7 +23,15 @@ one forward per function; the reconstructed streams and their gradients are
 handed to the previous step's node. Parameters are inputs of their step's
 node, so their gradients are returned to autograd step by step and
 accumulate through the normal ``AccumulateGrad`` path (optimizers, grad hooks
-and DDP see them once, as soon as they are ready).
+and DDP see them once, as soon as they are ready). Side inputs that require
+grad (a decoder's cross-attention encoder states) are inputs of every step's
+node in the same way: each step returns its share of their gradient and
+autograd sums the shares.
+
+A block may return ``(hidden, *extras)``: the chain hands the extras back to
+the parent in their places. A side input handed back (T5's position bias) is
+returned as itself; a tensor the step computed (attention weights) is an
+output of the step's node, whose backward raises if the loss depends on it.
 
 Numerics: dividing by λ or β amplifies rounding error at every step. The
 streams are kept in a wider dtype than the blocks compute in (fp64 for an fp32
