@@ -57,9 +57,12 @@ class Sublayer:
     exit: fx.Node  # the add, or the last node of its unary tail (post-norm / activation)
     inplace: bool
     tail: tuple[str, ...] = ()
+    cast_skip: bool = False  # the skip is a cast of a node that dominates the branch (Mamba: residual.to(float32))
 
     def describe(self) -> str:
         kind = "x += f(x)" if self.inplace else "x + f(x)"
+        if self.cast_skip:
+            kind = kind.replace("x +", "cast(x) +", 1)
         if self.tail:
             kind = f"{'→'.join(self.tail)}({kind})"
         return kind
@@ -103,11 +106,20 @@ def find_residual_sublayers(graph: fx.Graph, entry: fx.Node) -> list[Sublayer]:
         if len(operands) != 2 or operands[0] == operands[1]:
             continue
         u, v = operands
+        cast = False
         if _dominates(idom, v, u):
             u, v = v, u
         elif not _dominates(idom, u, v):
-            continue
-        found.append(_with_tail(h, Sublayer(u, v, node, node, _is_inplace(node))))
+            # the skip may be a dtype cast the branch does not read through: ``residual.to(float32)
+            # + mixer(norm(x))`` is still x + f(x); look through the cast for the dominating node
+            su, sv = _strip_identity(u), _strip_identity(v)
+            if su is not u and su in h and _dominates(idom, su, v):
+                cast = True
+            elif sv is not v and sv in h and _dominates(idom, sv, u):
+                u, v, cast = v, u, True
+            else:
+                continue
+        found.append(_with_tail(h, Sublayer(u, v, node, node, _is_inplace(node), cast_skip=cast)))
     return found
 
 
@@ -123,7 +135,7 @@ def _with_tail(h: nx.DiGraph, sub: Sublayer) -> Sublayer:
             break
         tail.append(_op_name(user))
         exit_ = user
-    return Sublayer(sub.skip, sub.branch, sub.add, exit_, sub.inplace, tuple(tail))
+    return Sublayer(sub.skip, sub.branch, sub.add, exit_, sub.inplace, tuple(tail), sub.cast_skip)
 
 
 def _op_name(node: fx.Node) -> str:

@@ -299,7 +299,7 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
     if allow_reversible:
         options = reversible_options or ReversibleOptions()
         for c, prof in enumerate(profiles):
-            decided = plan_reversible(prof.chain, options)
+            decided = plan_reversible(prof.chain, options, model)
             if isinstance(decided, ReversiblePlan):
                 reversible_plans[c] = decided
                 costs[c] = _reversible_cost(model, prof, options)

@@ -21,7 +21,9 @@ Couplings (``y1 = λ·x1 + F(x2)``, ``y2 = β·x2 + G(y1)``):
   function rides on ``y1``.
 * ``meft2``: F = adapter, G = block + adapter; switched. The function rides on ``y2``.
 * ``meft3``: F = the block's first residual sub-layer (attention) + adapter,
-  G = its second (MLP) + adapter; not switched. Needs two residual sub-layers.
+  G = its second (MLP) + adapter; not switched. Needs two residual sub-layers;
+  with more (a decoder's self-attention, cross-attention, MLP) F takes all
+  but the last.
 * ``revnet``: λ = β = 1, F and G are the residual functions ``block(x) − x``
   of two consecutive blocks, no adapters. For training from scratch: it does
   not preserve the pretrained function.
@@ -29,6 +31,8 @@ Couplings (``y1 = λ·x1 + F(x2)``, ``y2 = β·x2 + G(y1)``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from torch import nn
 
 from revify.runtime.adapter import ADAPTER_INITS
 from revify.runtime.reversible_chain import AnchorSet, Coupling
@@ -87,6 +91,9 @@ class ReversiblePlan:
     start_bound: float | None = None
     output_error: float | None = None  # model output vs the original model, eval mode
     precision: str | None = None  # the precision state ``anchors`` were calibrated in, e.g. "float32"
+    calibrated_on: str | None = None  # e.g. "the example inputs, 3 dropout draws"
+    gradient_error: float | None = None  # measured against stored activations on those draws
+    reconstruction_tolerance: float | None = None  # the anchors' bound that achieved it (≤ tolerance)
     # anchors for other precision states (autocast), calibrated on the first training step in each;
     # shared with the runtime chain, which fills it
     anchor_sets: dict[str, AnchorSet] = field(default_factory=dict)
@@ -105,29 +112,60 @@ class ReversiblePlan:
         return [(a, b, max(errs[a:b], default=0.0)) for a, b in zip(bounds, bounds[1:])]
 
 
-def plan_reversible(chain: Chain, options: ReversibleOptions) -> ReversiblePlan | Rejection:
+_CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm,
+                   nn.InstanceNorm2d)
+
+
+def features_last(block: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Does ``block`` treat the last dimension of its hidden input as features (channels-last)?
+
+    The first layer with weights decides: a convolution or batch/group norm
+    reads channels from dimension 1; a linear layer or a norm over the last
+    dimension of the input's size reads them from the last.
+    """
+    for m in block.modules():
+        if isinstance(m, _CHANNELS_FIRST):
+            return False
+        if isinstance(m, nn.Linear):
+            return m.in_features == shape[-1]
+        normalized = getattr(m, "normalized_shape", None)
+        if normalized is not None:
+            return tuple(normalized)[-1:] == tuple(shape[-1:])
+        weight = getattr(m, "weight", None)
+        if isinstance(weight, nn.Parameter) and not list(m.children()):  # an RMSNorm-like scale
+            return weight.dim() == 1 and weight.shape[0] == shape[-1]
+    return False
+
+
+def plan_reversible(chain: Chain, options: ReversibleOptions, model: nn.Module | None = None
+                    ) -> ReversiblePlan | Rejection:
+    """``model`` (the analysed module) lets MEFT accept channels-last feature maps (B, H, W, C)."""
     blocks = chain.blocks
     base = COUPLINGS[options.coupling]
     coupling = Coupling(base.name, base.lam if options.lam is None else options.lam,
                         base.beta if options.beta is None else options.beta, base.switch, base.output)
     first = blocks[0]
     where = f"{first.path} … {blocks[-1].path}"
+    # the very tensor it was given, unmodified (an in-place ``x += f(x)`` bumps the version)
+    if any(b.call.hidden_out_id is not None and b.call.hidden_out_id == b.call.hidden_in_id
+           and b.call.hidden_out_version == b.call.hidden_in_version for b in blocks):
+        return Rejection(where, f"identity blocks without compute ({first.module_type} returns its input "
+                                "unchanged): nothing to make reversible, and adapters there would change the model")
     if chain.shared:
-        return Rejection(where, "a shared module is several blocks of this chain (called several times per "
-                                "forward); a reversible step needs a module of its own")
+        return Rejection(where, "shared module: one module is several blocks of this chain (called several times "
+                                "per forward, as in ALBERT); a reversible chain needs one module per coupling step, "
+                                "since its adapters and installed forward live on the module")
     if len(set(chain.side_groups)) > 1:
         return Rejection(where, "blocks receive different side inputs (e.g. alternating sliding/full attention "
                                 "masks); reversible steps run every block with the first one's")
-    if any(b.call.feed_index is not None for b in blocks):
-        return Rejection(where, "blocks return a tuple; a reversible chain needs blocks that return "
-                                "only their hidden state")
     shape = first.call.hidden_in_shape or ()
-    if base.name != "revnet" and len(shape) not in (2, 3):
-        return Rejection(where, f"MEFT adapters act on the last (feature) dimension of (batch, features) or "
-                                f"(batch, tokens, features) hidden states; this chain carries shape {shape}: "
-                                "use coupling='revnet'")
+    if base.name != "revnet" and len(shape) not in (2, 3) and not (
+            len(shape) > 3 and model is not None and features_last(model.get_submodule(first.path), shape)):
+        return Rejection(where, f"MEFT adapters act on the last (feature) dimension of (batch, features), "
+                                f"(batch, tokens, features) or channels-last (batch, …, channels) hidden states; "
+                                f"this chain carries shape {shape} with channels first: use coupling='revnet'")
     if base.name == "meft3":
-        bad = [b for b in blocks if b.sublayers != 2 or "partial" in b.residual]
+        bad = [b for b in blocks if b.sublayers < 2 or "partial" in b.residual]
         if bad:
             return Rejection(where, f"meft3 needs blocks with two residual sub-layers (attention, MLP); "
                                     f"{bad[0].path} has {bad[0].residual}")

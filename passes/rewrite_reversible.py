@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from revify.runtime.adapter import Adapter
 from revify.runtime.checkpoint_segment import original_forward
-from revify.runtime.reversible_chain import (AdapterCall, BlockCall, CouplingStep, HalfCall, ResidualBranch,
-                                             ReversibleChain, WithAdapter)
+from revify.runtime.reversible_chain import (AdapterCall, BlockCall, CouplingStep, FixedExtras, HalfCall,
+                                             ResidualBranch, ReversibleChain, WithAdapter)
 
 from .find_chains import Rejection
 from .plan_reversible import ReversiblePlan
-from .record_calls import CallTrace
+from .record_calls import CallTrace, set_slot
 from .rewrite_checkpoint import share_structure
 from .split_sublayers import SplitError, split_block
 
@@ -52,6 +53,36 @@ def _adapter(block: nn.Module, name: str, dim: int, plan: ReversiblePlan) -> Ada
                       dtype=ref.dtype if ref is not None else None, device=ref.device if ref is not None else None)
     block.add_module(name, adapter)
     return adapter
+
+
+class RewriteRefusal(Exception):
+    """A chain the rewrite cannot make reversible; the message names the construct."""
+
+
+def _meft3_extras(forward, call) -> tuple | None:
+    """What the block returns beside its hidden state, from a run on its recorded arguments.
+
+    MEFT3 runs a block as two sub-layer halves that produce only the hidden
+    state, so it keeps a tuple output only when every extra is None or a side
+    input handed back (T5's position bias): the template of ``FixedExtras``.
+    """
+    if call.example_args is None:
+        return None
+    args, kwargs = tuple(call.example_args), dict(call.example_kwargs or {})
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        out = forward(*args, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return None
+    side = tree_flatten(set_slot(args, kwargs, call.hidden_slot, None))[0]
+    extras = tuple(out[1:]) if isinstance(out, tuple) else ()
+    template = tuple(None if e is None else next((j for j, t in enumerate(side) if t is e), -1) for e in extras)
+    if -1 in template:
+        kinds = ", ".join(type(e).__name__ if not isinstance(e, torch.Tensor) else f"tensor {tuple(e.shape)}"
+                          for e, j in zip(extras, template) if j == -1)
+        raise RewriteRefusal(f"meft3 runs each block as two sub-layer halves, but {call.path} returns "
+                             f"{kinds} beside its hidden state (attention weights or a side output) that "
+                             "the halves do not produce; use meft1 or meft2")
+    return template
 
 
 def build_chain(rmodel: nn.Module, plan: ReversiblePlan) -> ReversibleChain:
@@ -77,26 +108,30 @@ def build_chain(rmodel: nn.Module, plan: ReversiblePlan) -> ReversibleChain:
             # the last G would write the stream the chain drops (the function rides on y1):
             # an adapter there never gets a gradient, which DDP would all-reduce as zeros
             af = _adapter(block, "revify_adapter_f", dim, plan)
-            steps.append(CouplingStep(WithAdapter(calls[i], af), None, (block, af), (), idx, step_buffers, calls[i]))
+            steps.append(CouplingStep(WithAdapter(calls[i], af), None, (block, af), (), idx, step_buffers, calls[i],
+                                      (calls[i],)))
         elif name == "meft1":
             af, ag = _adapter(block, "revify_adapter_f", dim, plan), _adapter(block, "revify_adapter_g", dim, plan)
             steps.append(CouplingStep(WithAdapter(calls[i], af), AdapterCall(ag), (block, af), (ag,), idx,
-                                      step_buffers, calls[i]))
+                                      step_buffers, calls[i], (calls[i],)))
         elif name == "meft2":
             af, ag = _adapter(block, "revify_adapter_f", dim, plan), _adapter(block, "revify_adapter_g", dim, plan)
             steps.append(CouplingStep(AdapterCall(af), WithAdapter(calls[i], ag), (af,), (block, ag), idx,
-                                      step_buffers, calls[i]))
+                                      step_buffers, calls[i], (calls[i],)))
         elif name == "meft3":
             call = infos[0].call  # the recorded call: later blocks share its side inputs
+            if i == 0:
+                extras = FixedExtras(_meft3_extras(forwards[0], call))
             halves = split_block(block, tuple(call.example_args), dict(call.example_kwargs or {}), slot)
             af, ag = _adapter(block, "revify_adapter_f", dim, plan), _adapter(block, "revify_adapter_g", dim, plan)
             steps.append(CouplingStep(WithAdapter(HalfCall(halves, "first"), af),
                                       WithAdapter(HalfCall(halves, "second"), ag),
-                                      (block, af), (block, ag), idx, step_buffers, calls[i]))
+                                      (block, af), (block, ag), idx, step_buffers, calls[i], (extras,)))
         else:  # revnet: consecutive blocks as F and G
             g = ResidualBranch(calls[idx[1]]) if len(idx) > 1 else None
             steps.append(CouplingStep(ResidualBranch(calls[i]), g, (block,),
-                                      (blocks[idx[1]],) if len(idx) > 1 else (), idx, step_buffers))
+                                      (blocks[idx[1]],) if len(idx) > 1 else (), idx, step_buffers,
+                                      extras_from=tuple(calls[j] for j in idx)))
     stream = _DTYPES[plan.options.stream_dtype] if plan.options.stream_dtype else None
     check = plan.options.tolerance if plan.options.check_reconstruction else None
     # RNG states are saved per F and G call only where the recording run saw random
@@ -108,6 +143,13 @@ def build_chain(rmodel: nn.Module, plan: ReversiblePlan) -> ReversibleChain:
                            precision=plan.precision, anchor_sets=plan.anchor_sets,
                            tolerance=plan.options.tolerance, stream_dtype=stream, check_tolerance=check,
                            name=f"reversible chain {infos[0].path} … {infos[-1].path}")
+
+
+def drop_adapters(rmodel: nn.Module, plan: ReversiblePlan) -> None:
+    """Remove the adapters a chain's rewrite added (it failed, or its calibration did)."""
+    for b in plan.chain.blocks:
+        for name in ("revify_adapter_f", "revify_adapter_g"):
+            rmodel.get_submodule(b.path)._modules.pop(name, None)
 
 
 def freeze_backbone(rmodel: nn.Module, plans: list[ReversiblePlan], trace: CallTrace) -> list[str]:
@@ -153,12 +195,11 @@ def rewrite_reversible(model: nn.Module, plans: list[ReversiblePlan], trace: Cal
     for plan in plans:
         try:
             chain = build_chain(rmodel, plan)
-        except SplitError as exc:
-            for b in plan.chain.blocks:  # drop adapters added before the failure
-                for name in ("revify_adapter_f", "revify_adapter_g"):
-                    rmodel.get_submodule(b.path)._modules.pop(name, None)
-            rejections.append(Rejection(f"{plan.chain.blocks[0].path} … {plan.chain.blocks[-1].path}",
-                                        f"meft3: {exc}"))
+        except Exception as exc:  # this chain only: the others are still converted
+            drop_adapters(rmodel, plan)
+            reason = f"meft3: {exc}" if isinstance(exc, SplitError) else str(exc) \
+                if isinstance(exc, RewriteRefusal) else f"rewrite failed: {type(exc).__name__}: {exc}"
+            rejections.append(Rejection(f"{plan.chain.blocks[0].path} … {plan.chain.blocks[-1].path}", reason))
             continue
         chain.install()
         chains.append(chain)

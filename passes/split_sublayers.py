@@ -3,7 +3,9 @@
 MEFT3 couples a block's two residual sub-layers as F and G, so it needs to
 call them separately. This pass captures the block (fx, else torch.export),
 finds its residual sub-layers with ``residual_spine`` and cuts the graph
-after the first one's output. Both halves are executable graphs that read
+after the first one's output (with three or more, as in a decoder block with
+cross-attention, before the last one: the first half holds every attention
+sub-layer, the second the MLP). Both halves are executable graphs that read
 the block's parameters and buffers at call time, so autograd reaches the
 block's own parameters and replaced parameters (``to_empty``, sharding) are
 the ones used.
@@ -303,14 +305,16 @@ def _emit(cap: _Captured, order: list[fx.Node], keep: set[fx.Node], cut: fx.Node
 def _split(cap: _Captured, block: nn.Module) -> tuple[_Half, _Half]:
     spine = residual_spine(cap.graph, cap.entry, cap.exit)
     n = len(spine.sublayers)
-    if n != 2:
+    if n < 2:
         detail = ", ".join(s.describe() for s in spine.sublayers) if n else spine.describe()
         partial = "" if spine.complete or not n else ", not covering the whole block"
         raise SplitError(f"block has {n} residual sub-layer(s), MEFT3 needs 2 ({detail}{partial})")
     if not spine.complete:
         raise SplitError("the residual sub-layers do not chain from the block's input to its output "
                          f"({spine.describe()})")
-    cut = _cut_node(spine.sublayers[0], cap.entry, block)
+    # more than two (a decoder's self-attention, cross-attention, MLP): the first half is every
+    # attention sub-layer, the second the last sub-layer (the MLP)
+    cut = _cut_node(spine.sublayers[-2], cap.entry, block)
     order = list(cap.graph.nodes)
     pos = {node: i for i, node in enumerate(order)}
     # what depends on the hidden input other than through the cut

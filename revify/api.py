@@ -19,6 +19,7 @@ from revify.passes.calibrate_reversible import calibrate_reversible
 from revify.passes.capture import capture_regions
 from revify.passes.chain_costs import Pricing
 from revify.passes.find_chains import find_chains
+from revify.passes.find_list_inputs import find_list_inputs
 from revify.passes.find_stem import find_stems
 from revify.passes.plan_budget import BudgetError, plan_budget
 from revify.passes.plan_checkpoint import SCHEDULES, plan_checkpoint
@@ -57,7 +58,7 @@ def analyse_model(model: nn.Module, example_inputs: Any, strategy: str) -> tuple
         return plan, None, None
     plan.regions = capture_regions(model, trace)
     analysis = find_stems(model, trace, find_chains(model, trace))
-    plan.rejections = list(analysis.rejections)
+    plan.rejections = list(analysis.rejections) + find_list_inputs(trace)
     return plan, trace, analysis
 
 
@@ -87,7 +88,7 @@ def _analyse(model: nn.Module, example_inputs: Any, strategy: str, options: Reve
     if strategy == "reversible":
         # reversible steps run with the first block's side inputs: runs that share them (Gemma 3's sliding layers)
         for chain in (part for c in analysis.chains for part in c.parts_with_same_side_inputs()):
-            decided = plan_reversible(chain, options)
+            decided = plan_reversible(chain, options, model)
             if isinstance(decided, ReversiblePlan):
                 plan.reversible.append(decided)
             else:
@@ -153,7 +154,7 @@ def convert(model: nn.Module, plan: Plan, trace: CallTrace | None, example_input
             if calibrate:
                 install_no_cache(rmodel)
                 with analysing_without_cache(model):
-                    calibrate_reversible(model, rmodel, chains, plan.reversible, example_inputs)
+                    plan.rejections += calibrate_reversible(model, rmodel, chains, plan.reversible, example_inputs)
         if plan.chains:
             rewrite_checkpoint(model, plan.chains, rmodel)
         if plan.chains or plan.reversible:

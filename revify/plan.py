@@ -109,8 +109,11 @@ def _reversible_lines(rp: ReversiblePlan, i: int) -> list[str]:
     if rp.step_errors:
         segs = ", ".join(f"{a}-{b - 1} (err {e:.1e})" for a, b, e in rp.segments)
         lines.append(f"    anchors at steps {list(rp.anchors) or 'none'}; reversible segments {segs}; "
-                     f"tolerance {rp.options.tolerance:g} (measured on the example inputs"
+                     f"tolerance {rp.options.tolerance:g} (measured on {rp.calibrated_on or 'the example inputs'}"
                      + (f", {rp.precision})" if rp.precision else ")"))
+        if rp.gradient_error is not None:
+            lines.append(f"    gradient error against stored activations {rp.gradient_error:.1e} with anchors "
+                         f"for reconstruction error {rp.reconstruction_tolerance:g}")
     else:
         lines.append("    anchors: not calibrated (no gradient reached the chain on the example inputs)")
     for found in rp.anchor_sets.values():

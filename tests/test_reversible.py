@@ -52,10 +52,10 @@ CASES = [(m, c) for m in TRANSFORMERS for c in ("meft1", "meft2", "meft3")] + \
 
 @pytest.mark.parametrize("name,coupling", CASES)
 def test_reversible_gradients_match_stored_activations(name, coupling):
-    # meft3 divides both streams by 0.1 at every step: gradient error runs up to
-    # ~100x the reconstruction error, so 1e-4 on gradients needs tolerance 1e-6
-    kw = {"tolerance": 1e-6} if coupling == "meft3" else {}
-    case, original, rmodel = _convert(name, coupling, **kw)
+    # meft3 divides both streams by 0.1 at every step: gradient error runs up to ~100x the
+    # reconstruction error; calibration tightens the anchors until the gradients it measures
+    # are within the tolerance, so the default serves here too
+    case, original, rmodel = _convert(name, coupling)
     plan = rmodel.revify_plan
     assert plan.reversible, plan.summary()
     rp = plan.reversible[0]

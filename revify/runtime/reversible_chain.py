@@ -23,7 +23,15 @@ one forward per function; the reconstructed streams and their gradients are
 handed to the previous step's node. Parameters are inputs of their step's
 node, so their gradients are returned to autograd step by step and
 accumulate through the normal ``AccumulateGrad`` path (optimizers, grad hooks
-and DDP see them once, as soon as they are ready).
+and DDP see them once, as soon as they are ready). Side inputs that require
+grad (a decoder's cross-attention encoder states) are inputs of every step's
+node in the same way: each step returns its share of their gradient and
+autograd sums the shares.
+
+A block may return ``(hidden, *extras)``: the chain hands the extras back to
+the parent in their places. A side input handed back (T5's position bias) is
+returned as itself; a tensor the step computed (attention weights) is an
+output of the step's node, whose backward raises if the loss depends on it.
 
 Numerics: dividing by λ or β amplifies rounding error at every step. The
 streams are kept in a wider dtype than the blocks compute in (fp64 for an fp32
@@ -73,14 +81,42 @@ class BlockCall:
 
     def __init__(self, forward: Callable, slot: tuple[str, Any], path: str):
         self.forward, self.slot, self.path = forward, slot, path
+        # what the last call returned beside the hidden state: None for a plain tensor, else the
+        # rest of its tuple ``(hidden, *extras)`` (attention weights, None placeholders, T5's
+        # position bias); the head or relay hands it back to the parent in the same places
+        self.extras: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "extras": None}
 
     def __call__(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         a, k = set_slot(args, kwargs, self.slot, x)
         out = self.forward(*a, **k)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"{self.path} returned {type(out).__name__}; a reversible block must return "
-                            "its hidden state as a single tensor")
-        return out
+        if isinstance(out, torch.Tensor):
+            self.extras = None
+            return out
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) \
+                and all(e is None or isinstance(e, torch.Tensor) for e in out[1:]):
+            self.extras = tuple(out[1:])
+            return out[0]
+        raise TypeError(f"{self.path} returned {type(out).__name__}; a reversible block must return its hidden "
+                        "state, or a tuple (hidden, *extras) of tensors and None")
+
+
+class FixedExtras:
+    """The extras of a block that F and G do not run whole (MEFT3 halves), fixed at conversion.
+
+    Each entry of ``template`` is None, or the position among the chain's side-input leaves of
+    a side input the block hands back (T5 returns the position bias it was given).
+    """
+
+    def __init__(self, template: tuple | None):
+        self.template = template
+
+    def resolve(self, side_leaves: list) -> tuple | None:
+        if self.template is None:
+            return None
+        return tuple(None if j is None else side_leaves[j] for j in self.template)
 
 
 class HalfCall:
@@ -134,6 +170,8 @@ class CouplingStep:
     buffers: tuple[tuple[nn.Module, str], ...] = ()  # updated in forward (BatchNorm statistics)
     # the pretrained block(s) of this step, for the starting-point error
     reference: Callable | None = None
+    # per block of ``blocks``: where its extra outputs are after the step ran (``BlockCall.extras``)
+    extras_from: tuple[Any, ...] = ()
 
 
 ADAPTER_PREFIX = "revify_adapter"
@@ -256,6 +294,10 @@ class _Run:
     streams: tuple[torch.Tensor, torch.Tensor] | None = None  # after the last step run so far
     first_in_graph: int | None = None  # the lowest step whose node autograd will call
     backward: _Backward | None = None
+    # positions in ``side_leaves`` of side inputs that require grad (cross-attention states):
+    # inputs of every step's node, which returns its share of their gradient
+    grad_side: tuple[int, ...] = ()
+    extras: dict[int, tuple] = field(default_factory=dict)  # block → extras for its call to return
 
     def side(self) -> tuple[tuple, dict]:
         return tree_unflatten(self.side_leaves, self.side_spec)
@@ -455,8 +497,12 @@ class ReversibleChain:
     def backward_step(self, i: int, s1: torch.Tensor, s2: torch.Tensor, d1: torch.Tensor | None,
                       d2: torch.Tensor | None, args: tuple, kwargs: dict, run: _Run, rng: list, buffers: list,
                       anchor: tuple[torch.Tensor, torch.Tensor] | None, grads: dict[int, torch.Tensor],
-                      index: dict[int, int]) -> tuple:
-        """Reconstruct step i's inputs from its outputs and backpropagate through it."""
+                      index: dict[int, int], side_inputs: tuple[torch.Tensor, ...] = ()) -> tuple:
+        """Reconstruct step i's inputs from its outputs and backpropagate through it.
+
+        ``side_inputs``: the side inputs that require grad, as leaves inside ``args``/``kwargs``;
+        their gradients are accumulated in ``grads`` beside the parameters'.
+        """
         c, cdt, sdt, step = self.coupling, run.compute_dtype, run.stream_dtype, self.steps[i]
         y1, y2 = (s2, s1) if c.switch else (s1, s2)
         dy1, dy2 = (d2, d1) if c.switch else (d1, d2)
@@ -476,7 +522,7 @@ class ReversibleChain:
                 else:
                     y1d = y1.detach().requires_grad_()
                     g = step.g(y1d.to(cdt), args, kwargs).to(sdt)
-                    params = [p for p in _params(step.g_modules) if p.requires_grad]
+                    params = [p for p in _params(step.g_modules) if p.requires_grad] + list(side_inputs)
                     out = torch.autograd.grad(g, [y1d] + params, dy2, allow_unused=True)
                     a = _add(dy1, out[0])
                     _accumulate(grads, index, params, out[1:])
@@ -498,7 +544,7 @@ class ReversibleChain:
             else:
                 x2d = x2.detach().requires_grad_()
                 f = step.f(x2d.to(cdt), args, kwargs).to(sdt)
-                params = [p for p in _params(step.f_modules) if p.requires_grad]
+                params = [p for p in _params(step.f_modules) if p.requires_grad] + list(side_inputs)
                 out = torch.autograd.grad(f, [x2d] + params, a, allow_unused=True)
                 dx2_f = out[0]
                 _accumulate(grads, index, params, out[1:])
@@ -526,14 +572,11 @@ class ReversibleChain:
                                "a reversible chain must be called as it was at conversion")
         side_args, side_kwargs = set_slot(args, kwargs, self.hidden_slot, None)
         leaves, spec = tree_flatten((side_args, side_kwargs))
-        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            raise RuntimeError(f"{self.name}: a side input of the chain requires grad (e.g. cross-attention "
-                               "states); reversible chains pass gradients only to the hidden state. "
-                               "Convert with strategy='checkpoint' instead")
+        grad_side = tuple(j for j, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad) \
+            if torch.is_grad_enabled() else ()
         cdt = x.dtype
         reversible = torch.is_grad_enabled() and not self.stored and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            x.requires_grad or bool(grad_side) or any(p.requires_grad for p in self.parameters()))
         precision = precision_state(x)
         probe, anchors = self.probe, self.anchors_for(precision)
         if probe is not None:  # calibration at conversion: find every anchor afresh
@@ -546,7 +589,7 @@ class ReversibleChain:
         run = _Run(leaves, spec, cdt, self.stream_dtype or stream_dtype_for(cdt, self.coupling), x.device,
                    _autocast_state(), self.anchors if anchors is None else anchors,
                    self.random or (self.random_if_training and self.blocks[0].training), probe=probe,
-                   reversible=reversible)
+                   reversible=reversible, grad_side=grad_side)
         return self._run_block(0, run, x, side_signature(args, kwargs, self.hidden_slot))
 
     def run_relay(self, k: int, *args: Any, **kwargs: Any) -> Any:
@@ -568,16 +611,32 @@ class ReversibleChain:
         # a step that stands for two blocks (RevNet: F and G) runs when its first block is
         # called; the second block passes the step's output on
         out = self._run_step(i, run, h) if self.steps[i].blocks[0] == k else h
+        extras = run.extras.pop(k, None)
         if k < len(self.blocks) - 1:
             self.pending = _Pending(run, k + 1, out, out._version, side)
-        return out
+        return out if extras is None else (out, *extras)
+
+    def _place_extras(self, i: int, run: _Run, returned: tuple | None) -> None:
+        """File each block's extras for its call to return; ``returned`` replaces the step node's new tensors."""
+        it = iter(returned or ())
+        for b, ex in zip(self.steps[i].blocks, _step_extras(self.steps[i], run)):
+            if ex is not None and returned is not None:
+                ex = tuple(next(it) if isinstance(e, torch.Tensor) and _is_new(e, run) else e for e in ex)
+            if ex is not None:
+                run.extras[b] = ex
+        for src in self.steps[i].extras_from:  # handed on: the block call need not keep them alive
+            if isinstance(src, BlockCall):
+                src.extras = None
 
     def _run_step(self, i: int, run: _Run, h: torch.Tensor) -> torch.Tensor:
         step = self.steps[i]
         # FSDP2: the step's other blocks run here, not through their own hooks
         unshard_fsdp(self.blocks[b] for b in step.blocks[1:])
         if run.reversible:
-            out = _StepFunction.apply(self, run, i, h, *self.step_params(i))
+            params = self.step_params(i)
+            side = [run.side_leaves[j] for j in run.grad_side]
+            out, *extras = _StepFunction.apply(self, run, i, h, len(params), *params, *side)
+            self._place_extras(i, run, tuple(extras))
             if run.first_in_graph is None and out.requires_grad:
                 run.first_in_graph = i
             return out
@@ -587,7 +646,20 @@ class ReversibleChain:
         args, kwargs = run.side()
         s1, s2 = self.step_forward(i, s1, s2, args, kwargs, cdt, sdt)
         run.streams = None if i == len(self.steps) - 1 else (s1, s2)
+        self._place_extras(i, run, None)
         return self._select(s1, s2).to(cdt)
+
+
+def _step_extras(step: CouplingStep, run: _Run) -> list[tuple | None]:
+    """The extras each block of ``step`` returned in the step just run (None: it returns a plain tensor)."""
+    if not step.extras_from:
+        return [None] * len(step.blocks)
+    return [src.resolve(run.side_leaves) if isinstance(src, FixedExtras) else src.extras for src in step.extras_from]
+
+
+def _is_new(t: torch.Tensor, run: _Run) -> bool:
+    """An extra the step computed, as opposed to a side input handed back (T5 passes its position bias on)."""
+    return not any(t is leaf for leaf in run.side_leaves)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -618,7 +690,7 @@ class _StepFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, chain: ReversibleChain, run: _Run, i: int, h: torch.Tensor, *params):
+    def forward(ctx, chain: ReversibleChain, run: _Run, i: int, h: torch.Tensor, n_params: int, *inputs):
         cdt, sdt = run.compute_dtype, run.stream_dtype
         s1, s2 = (h.to(sdt), h.to(sdt)) if i == 0 else run.streams
         if run.probe is not None:
@@ -638,14 +710,26 @@ class _StepFunction(torch.autograd.Function):
                               *buffers)
         ctx.layout = (anchor, last, len(side), len(rng or ()), len(buffers))
         ctx.chain, ctx.run, ctx.i = chain, run, i
-        ctx.params = params
+        ctx.params, ctx.n_side = inputs[:n_params], len(inputs) - n_params
         ctx.input_dtype = h.dtype
         ctx.set_materialize_grads(False)  # an unused output arrives as None: no work for it
-        return chain._select(n1, n2).to(h.dtype, copy=True)
+        # extras the blocks computed (attention weights) are outputs of this node: if the loss
+        # depends on them, backward says so instead of dropping their gradient
+        new = [e for ex in _step_extras(chain.steps[i], run) if ex is not None for e in ex
+               if isinstance(e, torch.Tensor) and _is_new(e, run)]
+        new = [e if e._base is None and not any(e is x for x in inputs) else e.clone() for e in new]
+        ctx.mark_non_differentiable(*[e for e in new if not e.is_floating_point()])
+        return (chain._select(n1, n2).to(h.dtype, copy=True), *new)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *extra_grads):
         chain, run, i = ctx.chain, ctx.run, ctx.i
+        if any(g is not None for g in extra_grads):
+            blocks = ", ".join(str(b) for b in chain.steps[i].blocks)
+            raise RuntimeError(
+                f"{chain.name}: the loss depends on a tensor block {blocks} returns beside its hidden state "
+                "(e.g. attention weights); a reversible chain passes gradients only through the hidden "
+                "state. Convert with strategy='checkpoint', or do not use that output in the loss")
         anchor_saved, last, n_side, n_rng_calls, n_buf = ctx.layout
         saved = list(ctx.saved_tensors)
         anchor = (saved.pop(0), saved.pop(0)) if anchor_saved else None
@@ -653,6 +737,10 @@ class _StepFunction(torch.autograd.Function):
         side, saved = saved[:n_side], saved[n_side:]
         it = iter(side)  # the saved side tensors, in their places among the other leaves
         leaves = [next(it) if isinstance(t, torch.Tensor) else t for t in run.side_leaves]
+        # side inputs that require grad become leaves of the recompute, differentiated with the parameters
+        side_inputs = tuple(leaves[j].detach().requires_grad_() for j in run.grad_side) if ctx.n_side else ()
+        for j, t in zip(run.grad_side, side_inputs):
+            leaves[j] = t
         args, kwargs = tree_unflatten(leaves, run.side_spec)
         per_state = 2 if run.device.type == "cuda" else 1
         rng = [saved[c * per_state:(c + 1) * per_state] for c in range(n_rng_calls)]
@@ -669,24 +757,27 @@ class _StepFunction(torch.autograd.Function):
                 "must depend on it")
         run.backward = None
         d1, d2 = _add_output_grad(chain.coupling, d1, d2, grad_out, run.stream_dtype)
-        index = {id(p): j for j, p in enumerate(ctx.params)}
+        index = {id(p): j for j, p in enumerate(tuple(ctx.params) + side_inputs)}
         grads: dict[int, torch.Tensor] = {}
         devices = [run.device] if run.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=run.random), _autocast(run.autocast), \
                 torch.enable_grad():
             s1, s2, d1, d2 = chain.backward_step(i, s1, s2, d1, d2, args, kwargs, run, rng, buffers,
-                                                 anchor, grads, index)
-        param_grads = [grads.get(j) for j in range(len(ctx.params))]
+                                                 anchor, grads, index, side_inputs)
+        for src in chain.steps[i].extras_from:  # the recompute's extras: nobody reads them
+            if isinstance(src, BlockCall):
+                src.extras = None
+        param_grads = [grads.get(j) for j in range(len(ctx.params) + len(side_inputs))]
         if i > (run.first_in_graph or 0):
             run.backward = _Backward(i, (s1, s2), (d1, d2))
-            return (None, None, None, None, *param_grads)
+            return (None, None, None, None, None, *param_grads)
         # the first step autograd visits: the end of this backward pass through the chain
         if run.probe is not None and run.probe.auto:
             chain.record_anchors(run.probe, "first training step")
             run.probe.exact = {}  # the streams stored for this one step
         dx = _add(d1, d2)
         dx = dx.to(ctx.input_dtype) if dx is not None and ctx.needs_input_grad[3] else None
-        return (None, None, None, dx, *param_grads)
+        return (None, None, None, dx, None, *param_grads)
 
 
 def _add_output_grad(coupling: Coupling, d1: torch.Tensor | None, d2: torch.Tensor | None,

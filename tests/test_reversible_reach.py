@@ -1,0 +1,253 @@
+"""Reversible strategy on real families as users build them (issue 18, reversible part).
+
+Each model is built from a small config that keeps the family's defaults
+(dropout, drop-path, layer norms); what is checked: which chains convert,
+gradients against ``revify.stored_activations`` within 1e-4 at the default
+tolerance after perturbing the adapters away from zero, on three fresh
+dropout draws; and for each refusal, the reason that names the construct.
+Decoder-only LMs and encoder-decoders keep their default ``use_cache=True``: revify turns the
+KV cache off in training calls, as users load these models.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import revify
+from test_reversible import _assert_grads_close, _perturb_adapters
+from zoo import ZooCase, _logits_loss, train_step
+
+DRAWS = (11, 12, 13)  # three fresh dropout / drop-path draws, none of them the calibration's; the last
+# on a batch of another shape
+
+
+def _text(vocab: int = 100, batch: int = 2, seq: int = 12) -> dict:
+    torch.manual_seed(1)
+    ids = torch.randint(3, vocab, (batch, seq))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # padding in one row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _seq2seq() -> dict:
+    inputs = _text()
+    torch.manual_seed(2)
+    inputs["decoder_input_ids"] = torch.randint(3, 100, (2, 7))
+    return inputs
+
+
+def _pixels() -> dict:
+    torch.manual_seed(1)
+    return {"pixel_values": torch.randn(2, 3, 32, 32)}
+
+
+def distilbert() -> ZooCase:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    torch.manual_seed(0)
+    m = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=3, n_heads=4,
+                                                             hidden_dim=64)).train()
+    return ZooCase("distilbert", m, _text(), _logits_loss, 3)
+
+
+def deberta() -> ZooCase:
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+    torch.manual_seed(0)
+    m = DebertaV2ForSequenceClassification(DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=3,
+                                                           num_attention_heads=4, intermediate_size=64)).train()
+    return ZooCase("deberta", m, _text(), _logits_loss, 3)
+
+
+def albert() -> ZooCase:
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+    torch.manual_seed(0)
+    m = AlbertForSequenceClassification(AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32,
+                                                     num_hidden_layers=3, num_attention_heads=4,
+                                                     intermediate_size=64)).train()
+    return ZooCase("albert", m, _text(), _logits_loss, 3)
+
+
+def t5() -> ZooCase:
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4, decoder_start_token_id=0)
+    m = T5ForConditionalGeneration(cfg).train()
+    return ZooCase("t5", m, _seq2seq(), _logits_loss, 3)
+
+
+def bart() -> ZooCase:
+    from transformers import BartConfig, BartForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=100, d_model=32, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+    m = BartForConditionalGeneration(cfg).train()
+    return ZooCase("bart", m, _seq2seq(), _logits_loss, 3)
+
+
+def gpt2() -> ZooCase:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=100, n_positions=64)).train()
+    return ZooCase("gpt2", m, _text(), _logits_loss, 3)
+
+
+def llama() -> ZooCase:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=100, num_key_value_heads=2, max_position_embeddings=64)).train()
+    return ZooCase("llama", m, _text(), _logits_loss, 3)
+
+
+def falcon() -> ZooCase:
+    from transformers import FalconConfig, FalconForCausalLM
+    torch.manual_seed(0)
+    m = FalconForCausalLM(FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
+                                       num_attention_heads=4)).train()
+    return ZooCase("falcon", m, _text(), _logits_loss, 3)
+
+
+def whisper() -> ZooCase:
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=100, num_mel_bins=8, encoder_layers=2, decoder_layers=2, d_model=32,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, decoder_start_token_id=1)
+    m = WhisperForConditionalGeneration(cfg).train()
+    torch.manual_seed(1)
+    inputs = {"input_features": torch.randn(2, 8, 32), "decoder_input_ids": torch.randint(3, 100, (2, 7))}
+    return ZooCase("whisper", m, inputs, _logits_loss, 2)
+
+
+def mamba() -> ZooCase:
+    from transformers import MambaConfig, MambaForCausalLM
+    torch.manual_seed(0)
+    m = MambaForCausalLM(MambaConfig(vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=3)).train()
+    return ZooCase("mamba", m, {"input_ids": _text()["input_ids"]}, _logits_loss, 3)
+
+
+def resnet() -> ZooCase:
+    from transformers import ResNetConfig, ResNetForImageClassification
+    torch.manual_seed(0)
+    m = ResNetForImageClassification(ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[3, 3],
+                                                  num_labels=5)).train()
+    return ZooCase("resnet", m, _pixels(), _logits_loss, 6)
+
+
+def convnext() -> ZooCase:
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+    torch.manual_seed(0)
+    m = ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[16, 32], depths=[3, 3], num_stages=2,
+                                                      num_labels=5, image_size=32)).train()
+    return ZooCase("convnext", m, _pixels(), _logits_loss, 6)
+
+
+def swin() -> ZooCase:
+    from transformers import SwinConfig, SwinForImageClassification
+    torch.manual_seed(0)
+    m = SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
+                                              num_heads=[2, 4], window_size=4, num_labels=5)).train()
+    return ZooCase("swin", m, _pixels(), _logits_loss, 4)
+
+
+FAMILIES = {f.__name__: f for f in (distilbert, deberta, albert, t5, bart, whisper, gpt2, llama, falcon, mamba,
+                                    resnet, convnext, swin)}
+
+
+def _converted(family: str, coupling: str) -> tuple[ZooCase, nn.Module]:
+    case = FAMILIES[family]()
+    rmodel = revify.revify(case.model, case.example_inputs, strategy="reversible", coupling=coupling)
+    return case, rmodel
+
+
+def _parents(rmodel: nn.Module) -> set[str]:
+    return {p.chain.parent for p in rmodel.revify_plan.reversible}
+
+
+def _other_batch(inputs: dict | tuple) -> dict | tuple:
+    """The example inputs with another batch size (and sequence length): what training feeds later."""
+    torch.manual_seed(4)
+    if isinstance(inputs, tuple):
+        return tuple(torch.randn(3, *x.shape[1:]) for x in inputs)
+    if "input_features" in inputs:
+        return {**inputs, "input_features": torch.randn(3, *inputs["input_features"].shape[1:]),
+                "decoder_input_ids": inputs["decoder_input_ids"][:1].repeat(3, 1)}
+    if "pixel_values" in inputs:
+        torch.manual_seed(4)
+        return {"pixel_values": torch.randn(3, 3, 32, 32)}
+    other = {**inputs, **_text(batch=3, seq=9)}
+    if "decoder_input_ids" in inputs:
+        other["decoder_input_ids"] = inputs["decoder_input_ids"][:1].repeat(3, 1)
+    return other
+
+
+def _assert_matches_stored_on_fresh_draws(case: ZooCase, rmodel: nn.Module) -> None:
+    _perturb_adapters(rmodel)
+    other = ZooCase(case.name, case.model, _other_batch(case.example_inputs), case.loss_fn, case.n_blocks)
+    for seed, batch in zip(DRAWS, (case, case, other)):
+        _, loss_rev, grads_rev = train_step(rmodel, batch, seed=seed)
+        with revify.stored_activations(rmodel):
+            _, loss_ref, grads_ref = train_step(rmodel, batch, seed=seed)
+        assert torch.allclose(loss_rev, loss_ref, rtol=1e-6), (seed, loss_rev, loss_ref)
+        assert grads_rev, "nothing trainable"
+        _assert_grads_close(grads_rev, grads_ref)
+
+
+# family, coupling, the parents whose chains must convert
+CONVERTS = [
+    ("distilbert", "meft1", {"distilbert.transformer"}),
+    ("distilbert", "meft3", {"distilbert.transformer"}),
+    ("deberta", "meft1", {"deberta.encoder"}),
+    ("deberta", "meft3", {"deberta.encoder"}),
+    ("t5", "meft1", {"encoder", "decoder"}),
+    ("bart", "meft1", {"model.encoder", "model.decoder"}),
+    ("bart", "meft2", {"model.encoder", "model.decoder"}),
+    ("whisper", "meft1", {"model.encoder", "model.decoder"}),
+    ("gpt2", "meft1", {"transformer"}),
+    ("gpt2", "meft3", {"transformer"}),
+    ("llama", "meft1", {"model"}),
+    ("llama", "meft3", {"model"}),
+    ("falcon", "meft1", {"transformer"}),
+    ("mamba", "meft1", {"backbone"}),  # its residual is kept in float32: found through the cast
+    ("resnet", "revnet", {"resnet.encoder.stages.0", "resnet.encoder.stages.1"}),
+    ("convnext", "revnet", {"convnext.encoder.stages.0", "convnext.encoder.stages.1"}),
+    ("swin", "meft1", {"swin.encoder.layers.0", "swin.encoder.layers.1"}),
+    ("swin", "meft3", {"swin.encoder.layers.0", "swin.encoder.layers.1"}),  # its attention weights are None
+    ("t5", "meft3", {"encoder", "decoder"}),  # hands its position bias back
+    ("swin", "revnet", {"swin.encoder.layers.0", "swin.encoder.layers.1"}),
+]
+
+
+@pytest.mark.parametrize("family,coupling,parents", CONVERTS, ids=[f"{f}-{c}" for f, c, _ in CONVERTS])
+def test_family_converts_and_matches_stored_activations(family, coupling, parents):
+    case, rmodel = _converted(family, coupling)
+    plan = rmodel.revify_plan
+    assert parents <= _parents(rmodel), plan.summary()
+    for rp in plan.reversible:
+        assert max(rp.step_errors, default=0.0) <= rp.options.tolerance, plan.summary()
+    _assert_matches_stored_on_fresh_draws(case, rmodel)
+
+
+def test_calibration_covers_several_dropout_draws():
+    case, rmodel = _converted("bart", "meft3")
+    for rp in rmodel.revify_plan.reversible:
+        assert rp.calibrated_on == "the example inputs, 3 dropout draws", rmodel.revify_plan.summary()
+        assert rp.gradient_error <= rp.options.tolerance
+        assert rp.reconstruction_tolerance <= rp.options.tolerance
+    assert "3 dropout draws" in rmodel.revify_plan.summary()
+    # the decoder's blocks have three sub-layers: F = self- and cross-attention, G = the MLP
+    assert _parents(rmodel) == {"model.encoder", "model.decoder"}
+    _assert_matches_stored_on_fresh_draws(case, rmodel)
+
+
+@pytest.mark.parametrize("family,coupling,reason", [
+    ("albert", "meft1", "shared module"),
+    ("falcon", "meft3", "has 1 residual sub-layer(s)"),  # parallel attention and MLP: one residual add
+    ("mamba", "meft3", "has 1 residual sub-layer(s): cast(x) + f(x)"),
+    ("resnet", "meft1", "with channels first: use coupling='revnet'"),
+])
+def test_family_refusal_names_the_construct(family, coupling, reason):
+    case, rmodel = _converted(family, coupling)
+    assert not rmodel.revify_plan.reversible
+    assert reason in rmodel.revify_plan.summary(), rmodel.revify_plan.summary()
