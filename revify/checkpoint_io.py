@@ -40,6 +40,7 @@ from torch import nn
 from revify.saved_plan import PlanMismatchError, RecordedPlan, apply_recorded_plan, plan_to_json
 from revify.sources import (InputSpec, SourceError, build_from_factory, first_line,
                             load_state_dict_exactly, read_hf_folder)
+from revify.training_stack import plan_prefix, prefix_plan_paths
 
 FORMAT_VERSION = 1  # bump when revify.json changes in a way older readers would misread
 MANIFEST = "revify.json"
@@ -186,7 +187,8 @@ def _manifest(rmodel: nn.Module, record: ConversionRecord) -> dict:
             "strategy": plan.strategy, "options": record.options, "inputs": record.inputs.to_json(),
             "training": record.training, "weights": WEIGHTS,
             "frozen": [n for n, p in rmodel.named_parameters() if not p.requires_grad],
-            "plan": plan_to_json(plan)}
+            # a PeftModel wrapping a converted model: block paths as seen from the outer module
+            "plan": prefix_plan_paths(plan_to_json(plan), plan_prefix(rmodel))}
 
 
 def read_manifest(folder: str | Path) -> dict:

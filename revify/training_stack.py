@@ -155,7 +155,11 @@ class KeepRevifyRecompute:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         plan = getattr(self.module, "revify_plan", None)
         if plan is None or not plan.converted:
-            return getattr(type(self.module), self.name)(self.module, *args, **kwargs)
+            cls = type(self.module)
+            if callable(getattr(cls, self.name, None)):
+                return getattr(cls, self.name)(self.module, *args, **kwargs)
+            # a PeftModel forwards unknown attributes to the model it wraps
+            return cls.__getattr__(self.module, self.name)(*args, **kwargs)
         if not self.warned:
             self.warned = True
             warnings.warn(f"revify: {self.name}() ignored: this module already recomputes activations as its "
@@ -202,11 +206,40 @@ def already_converted(model: nn.Module) -> str | None:
     return None
 
 
+def plan_prefix(module: nn.Module) -> str:
+    """Where the converted module sits inside ``module``: ``""`` when it is ``module`` itself.
+
+    ``get_peft_model(revify.revify(m, ...), config)`` wraps a converted model:
+    its ``revify_plan`` (reached through PEFT's attribute forwarding) names
+    blocks relative to the wrapped model, ``base_model.model.`` deeper here.
+    """
+    if "revify_plan" in module.__dict__:
+        return ""
+    for path, m in module.named_modules():
+        if "revify_plan" in m.__dict__:
+            return path + "."
+    return ""
+
+
+def prefix_plan_paths(plan_json: dict, prefix: str) -> dict:
+    """The plan JSON (``saved_plan.plan_to_json``) with every module path under ``prefix``."""
+    if not prefix:
+        return plan_json
+    for entry in plan_json.get("chains", []) + plan_json.get("reversible", []):
+        entry["parent"] = prefix + entry["parent"] if entry.get("parent") else prefix.rstrip(".")
+        entry["blocks"] = [prefix + b for b in entry["blocks"]]
+        if isinstance(entry.get("extra", {}).get("stem"), str):
+            entry["extra"]["stem"] = prefix + entry["extra"]["stem"]
+    for rej in plan_json.get("rejections", []):
+        rej["where"] = prefix + rej["where"]
+    return plan_json
+
+
 def install(rmodel: nn.Module, example_inputs: Any) -> None:
     """Put ``SavePretrained`` and ``KeepRevifyRecompute`` on a converted module, and note PEFT in its plan."""
     plan = rmodel.revify_plan
     note = peft_note(rmodel)
-    if note is not None and plan.reversible:
+    if note is not None and plan.converted:
         plan.notes.append(note)
     if plan.converted:
         stacked = disable_stacked_checkpointing(rmodel)
@@ -214,7 +247,7 @@ def install(rmodel: nn.Module, example_inputs: Any) -> None:
             plan.notes.append(f"Hugging Face gradient checkpointing was on ({len(stacked)} module(s)); turned off "
                               "on the converted module: revify's plan is the only recompute")
     for name in _RECOMPUTE_FLAGS:
-        if callable(getattr(type(rmodel), name, None)):
+        if callable(getattr(rmodel, name, None)):  # the class's, or the wrapped model's under a PeftModel
             rmodel.__dict__[name] = KeepRevifyRecompute(rmodel, name)
     if _is_peft_model(rmodel) or not callable(getattr(type(rmodel), "save_pretrained", None)):
         return  # a PeftModel's save_pretrained writes only the adapter: kept as PEFT defines it
