@@ -160,10 +160,20 @@ def _load_weights(rmodel: nn.Module, file: Path, device: str | torch.device) -> 
 
     if not file.is_file():
         raise CheckpointError(f"{file.parent}: no {file.name}")
-    try:
-        state = load_file(str(file), device=str(device))
-    except Exception as exc:
-        raise CheckpointError(f"{file}: truncated or corrupt safetensors file: {first_line(exc)}") from None
+    shards = [file]
+    if file.name.endswith(".index.json"):  # save_pretrained of a large model: shards listed in an index
+        try:
+            shards = [file.parent / name for name in sorted(set(json.loads(file.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{file}: not a weight index: {first_line(exc)}") from None
+    state = {}
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{file.parent}: no {shard.name} (listed in {file.name})")
+        try:
+            state.update(load_file(str(shard), device=str(device)))
+        except Exception as exc:
+            raise CheckpointError(f"{shard}: truncated or corrupt safetensors file: {first_line(exc)}") from None
     try:
         load_state_dict_exactly(rmodel, state, str(file))
     except SourceError as exc:

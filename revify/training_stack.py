@@ -113,6 +113,28 @@ class SavePretrained:
         return result
 
 
+class PeftSavePretrained:
+    """A reversible ``PeftModel``'s ``save_pretrained``: PEFT's own (the PEFT adapter only), and one warning.
+
+    revify's coupling adapters are not PEFT parameters, so the PEFT adapter
+    files do not hold them; ``revify.save`` writes the whole converted model.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module, self.warned = module, False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = type(self.module).save_pretrained(self.module, *args, **kwargs)
+        if not self.warned:
+            self.warned = True
+            n = sum(1 for name, _ in self.module.named_parameters() if "revify_adapter" in name)
+            warnings.warn(f"revify: the PEFT adapter files hold only PEFT's parameters, not revify's {n} coupling "
+                          "adapter tensor(s); revify.save(rmodel, folder, example_inputs) writes the whole "
+                          "converted model and revify.load(folder, model=a fresh PeftModel) restores it",
+                          stacklevel=2)
+        return result
+
+
 def _weights_file(folder: Path) -> str | None:
     for name in ("model.safetensors", "model.safetensors.index.json"):
         if (folder / name).is_file():
@@ -249,8 +271,12 @@ def install(rmodel: nn.Module, example_inputs: Any) -> None:
     for name in _RECOMPUTE_FLAGS:
         if callable(getattr(rmodel, name, None)):  # the class's, or the wrapped model's under a PeftModel
             rmodel.__dict__[name] = KeepRevifyRecompute(rmodel, name)
-    if _is_peft_model(rmodel) or not callable(getattr(type(rmodel), "save_pretrained", None)):
-        return  # a PeftModel's save_pretrained writes only the adapter: kept as PEFT defines it
+    if _is_peft_model(rmodel):  # its save_pretrained writes only the PEFT adapter: kept so, with a warning
+        if any("revify_adapter" in n for n, _ in rmodel.named_parameters()):
+            rmodel.__dict__["save_pretrained"] = PeftSavePretrained(rmodel)
+        return
+    if not callable(getattr(type(rmodel), "save_pretrained", None)):
+        return
     try:
         inputs = InputSpec.from_example(example_inputs)
     except ValueError:

@@ -199,3 +199,33 @@ def test_converting_twice_says_already_converted(build, one_thread):
     assert "already converted" in again.revify_plan.summary()
     with pytest.raises(revify.RevifyError, match="already converted"):
         revify.revify(rmodel, _example(causal), strategy="reversible", strict=True)
+
+
+def test_accelerate_with_gradient_accumulation_saves_as_converted(tmp_path, one_thread):
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    rmodel = revify.revify(_bert(), _example(False), strategy="reversible")
+    optimizer = torch.optim.AdamW([p for p in rmodel.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = accelerator.prepare(rmodel, optimizer)
+    rows = _rows(False)
+    for i in range(4):
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**_collate(rows[2 * i:2 * i + 2])).loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    unwrapped = accelerator.unwrap_model(model)
+    assert unwrapped is rmodel
+    unwrapped.save_pretrained(str(tmp_path / "out"), is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save)
+    loaded = revify.load(tmp_path / "out")
+    batch = _collate(rows[10:14])
+    assert torch.equal(_eval_logits(loaded, batch), _eval_logits(rmodel, batch))
+
+
+def test_sharded_save_pretrained_reloads_as_converted(tmp_path, one_thread):
+    rmodel = revify.revify(_bert(), _example(False), strategy="reversible")
+    rmodel.save_pretrained(str(tmp_path / "out"), max_shard_size="20KB")  # large models: shards and an index
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    loaded = revify.load(tmp_path / "out")
+    batch = _collate(_rows(False)[:4])
+    assert torch.equal(_eval_logits(loaded, batch), _eval_logits(rmodel, batch))

@@ -131,3 +131,13 @@ def test_peft_save_pretrained_still_writes_only_the_adapter(tmp_path, one_thread
     again = peft.PeftModel.from_pretrained(_bert(), str(tmp_path / "adapter"))
     batch = _collate(_rows(False)[4:9])
     assert torch.equal(_logits(again, batch), _logits(rmodel, batch))
+
+
+def test_reversible_peft_save_pretrained_warns_that_revify_adapters_are_not_in_it(tmp_path, one_thread):
+    rmodel = revify.revify(peft.get_peft_model(_bert(), _lora()), _example(False), strategy="reversible")
+    with pytest.warns(UserWarning, match="revify.save"):
+        rmodel.save_pretrained(str(tmp_path / "adapter"))
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    from safetensors.torch import load_file
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).keys()
+    assert keys and not any("revify_adapter" in k for k in keys)
