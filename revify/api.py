@@ -112,7 +112,8 @@ def analyse(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint",
     """Run capture and the analyses; return the plan without converting."""
     schedule = _resolve_schedule(strategy, schedule, memory_budget)
     options = _options(strategy, **reversible_options)
-    return _analyse(model, example_inputs, strategy, options, schedule, memory_budget, loss_fn)[0]
+    with hf_checkpointing_off(model):
+        return _analyse(model, example_inputs, strategy, options, schedule, memory_budget, loss_fn)[0]
 
 
 def inspect(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", *, file=None,
@@ -230,7 +231,7 @@ def revify(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", 
     options = _options(strategy, coupling=coupling, lam=lam, beta=beta, adapter_rank=adapter_rank,
                        adapter_init=adapter_init, freeze_backbone=freeze_backbone, tolerance=tolerance,
                        stream_dtype=stream_dtype, check_reconstruction=check_reconstruction)
-    with hf_checkpointing_off(model):
+    with hf_checkpointing_off(model):  # measure blocks as they run without Hugging Face's recompute
         plan, trace = _analyse(model, example_inputs, strategy, options, schedule, memory_budget, loss_fn,
                                budget_for, recompute_cost)
     return convert(model, plan, trace, example_inputs, strict=strict)

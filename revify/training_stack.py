@@ -1,8 +1,8 @@
 """A converted module inside the training stacks users run (Trainer, TRL, accelerate, PEFT).
 
 Those stacks talk to the model through a few methods of its class:
-``save_pretrained`` (``Trainer.save_model``, every ``checkpoint-N``,
-``accelerate``'s ``save_model``) and ``gradient_checkpointing_enable`` /
+``save_pretrained`` (``Trainer.save_model``, every ``checkpoint-N``, TRL,
+``accelerator.unwrap_model(m).save_pretrained``) and ``gradient_checkpointing_enable`` /
 ``activation_checkpointing_enable`` (``TrainingArguments(gradient_checkpointing=True)``).
 ``install`` puts a small callable object on the converted module itself (an
 instance attribute; the class and the original model are untouched) for each
@@ -20,8 +20,9 @@ After (``install(rmodel, inputs)``, done by ``revify.api.convert``)::
 
 PEFT: ``peft_parameters`` names the parameters PEFT added (LoRA, IA3,
 prompt vectors, ``modules_to_save`` copies), which ``freeze_backbone`` keeps
-trainable. A ``PeftModel``'s own ``save_pretrained`` is left alone (it writes
-only the PEFT adapter); ``revify.save`` writes the whole converted model.
+trainable. A ``PeftModel``'s own ``save_pretrained`` still writes only the
+PEFT adapter (for a reversible model it warns that revify's adapters are not
+in it); ``revify.save`` writes the whole converted model.
 """
 from __future__ import annotations
 
