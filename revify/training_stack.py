@@ -109,7 +109,7 @@ class SavePretrained:
 
     def __call__(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         result = type(self.module).save_pretrained(self.module, save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True) and not kwargs.get("push_to_hub", False):
+        if kwargs.get("is_main_process", True):  # other ranks of a distributed run write nothing
             write_manifest(self.module, Path(save_directory), self.inputs, self.training)
         return result
 
