@@ -32,9 +32,11 @@ from .plan_checkpoint import ChainPlan
 def share_structure(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
     """A new module tree whose parameters and buffers are the original objects.
 
-    Each module object is shallow-copied with its own parameter, buffer,
-    child and hook dictionaries, so installing a forward or a hook on the
-    copy leaves the original untouched. Shared submodules stay shared.
+    Each module object is shallow-copied with its own parameter, child and
+    hook dictionaries, so installing a forward or a hook on the copy leaves
+    the original untouched. The buffer dictionary itself is shared, so a
+    dtype or device move of either module moves the other's buffers too
+    (BatchNorm statistics stay one set). Shared submodules stay shared.
     """
     memo = {} if memo is None else memo
     if id(module) in memo:
@@ -43,7 +45,9 @@ def share_structure(module: nn.Module, memo: dict[int, nn.Module] | None = None)
     new = type(module).__new__(type(module))
     memo[id(module)] = new
     for key, value in vars(module).items():
-        new.__dict__[key] = copy.copy(value) if isinstance(value, dict) else value
+        # _buffers stays the same dict: Module._apply (.to, .half, .cuda) replaces buffers by assigning
+        # into it, which must reach both modules (parameters are converted in place and stay shared)
+        new.__dict__[key] = copy.copy(value) if isinstance(value, dict) and key != "_buffers" else value
     new._modules = {name: (share_structure(child, memo) if child is not None else None)
                     for name, child in module._modules.items()}
     return new

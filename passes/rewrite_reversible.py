@@ -32,6 +32,7 @@ from revify.runtime.adapter import Adapter
 from revify.runtime.checkpoint_segment import original_forward
 from revify.runtime.reversible_chain import (AdapterCall, BlockCall, CouplingStep, FixedExtras, HalfCall,
                                              ResidualBranch, ReversibleChain, WithAdapter)
+from revify.training_stack import peft_parameters
 
 from .find_chains import Rejection
 from .plan_reversible import ReversiblePlan
@@ -155,6 +156,9 @@ def drop_adapters(rmodel: nn.Module, plan: ReversiblePlan) -> None:
 def freeze_backbone(rmodel: nn.Module, plans: list[ReversiblePlan], trace: CallTrace) -> list[str]:
     """Freeze every parameter but the adapters and the task head; return the trainable names.
 
+    PEFT parameters (LoRA, IA3, prompt vectors, ``modules_to_save``) that
+    were trainable stay trainable: only pretrained weights are frozen.
+
     The head is every module first called after the last reversible chain
     (pooler and classifier, final norm and LM head). A parameter tied to the
     head (GPT-2's embedding and LM head) stays trainable.
@@ -175,6 +179,9 @@ def freeze_backbone(rmodel: nn.Module, plans: list[ReversiblePlan], trace: CallT
     for m in rmodel.modules():
         if getattr(m, "revify_adapter", False):
             keep.update(id(p) for p in m.parameters())
+    # a PEFT model's LoRA / IA3 / prompt parameters are the user's fine-tuning set, not pretrained weights
+    peft = peft_parameters(rmodel)
+    keep.update(id(p) for p in rmodel.parameters() if id(p) in peft and p.requires_grad)
     trainable = []
     for name, p in rmodel.named_parameters():
         if id(p) in keep:

@@ -30,6 +30,7 @@ from revify.passes.rewrite_reversible import rewrite_reversible
 from revify.plan import Plan
 from revify.runtime.reversible_chain import stored_activations  # noqa: F401  (public)
 from revify.runtime.training_cache import analysing_without_cache, install_no_cache
+from revify.training_stack import already_converted, hf_checkpointing_off, install as install_training_stack
 from revify.units import parse_bytes
 
 STRATEGIES = ("checkpoint", "reversible", "auto")
@@ -51,6 +52,10 @@ def analyse_model(model: nn.Module, example_inputs: Any, strategy: str) -> tuple
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     plan = Plan(strategy=strategy)
+    converted = already_converted(model)
+    if converted is not None:  # its blocks run revify's forwards: analysing them again measures revify
+        plan.errors.append(f"already converted by revify ({converted}); convert the original model instead")
+        return plan, None, None
     with analysing_without_cache(model):  # the example call is a training call: no KV cache
         trace = record_calls(model, example_inputs)
     if trace.error is not None:
@@ -112,7 +117,8 @@ def analyse(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint",
     """Run capture and the analyses; return the plan without converting."""
     schedule = _resolve_schedule(strategy, schedule, memory_budget)
     options = _options(strategy, **reversible_options)
-    return _analyse(model, example_inputs, strategy, options, schedule, memory_budget, loss_fn)[0]
+    with hf_checkpointing_off(model):
+        return _analyse(model, example_inputs, strategy, options, schedule, memory_budget, loss_fn)[0]
 
 
 def inspect(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", *, file=None,
@@ -170,6 +176,7 @@ def convert(model: nn.Module, plan: Plan, trace: CallTrace | None, example_input
     if strict and not plan.planned:
         raise RevifyError(plan.summary())
     rmodel.revify_plan = plan
+    install_training_stack(rmodel, example_inputs)
     return rmodel
 
 
@@ -233,6 +240,7 @@ def revify(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", 
     options = _options(strategy, coupling=coupling, lam=lam, beta=beta, adapter_rank=adapter_rank,
                        adapter_init=adapter_init, freeze_backbone=freeze_backbone, tolerance=tolerance,
                        stream_dtype=stream_dtype, check_reconstruction=check_reconstruction)
-    plan, trace = _analyse(model, example_inputs, strategy, options, schedule, memory_budget, loss_fn, budget_for,
-                           recompute_cost)
+    with hf_checkpointing_off(model):  # measure blocks as they run without Hugging Face's recompute
+        plan, trace = _analyse(model, example_inputs, strategy, options, schedule, memory_budget, loss_fn,
+                               budget_for, recompute_cost)
     return convert(model, plan, trace, example_inputs, strict=strict)

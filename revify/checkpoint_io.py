@@ -40,6 +40,7 @@ from torch import nn
 from revify.saved_plan import PlanMismatchError, RecordedPlan, apply_recorded_plan, plan_to_json
 from revify.sources import (InputSpec, SourceError, build_from_factory, first_line,
                             load_state_dict_exactly, read_hf_folder)
+from revify.training_stack import plan_prefix, prefix_plan_paths
 
 FORMAT_VERSION = 1  # bump when revify.json changes in a way older readers would misread
 MANIFEST = "revify.json"
@@ -159,10 +160,20 @@ def _load_weights(rmodel: nn.Module, file: Path, device: str | torch.device) -> 
 
     if not file.is_file():
         raise CheckpointError(f"{file.parent}: no {file.name}")
-    try:
-        state = load_file(str(file), device=str(device))
-    except Exception as exc:
-        raise CheckpointError(f"{file}: truncated or corrupt safetensors file: {first_line(exc)}") from None
+    shards = [file]
+    if file.name.endswith(".index.json"):  # save_pretrained of a large model: shards listed in an index
+        try:
+            shards = [file.parent / name for name in sorted(set(json.loads(file.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{file}: not a weight index: {first_line(exc)}") from None
+    state = {}
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{file.parent}: no {shard.name} (listed in {file.name})")
+        try:
+            state.update(load_file(str(shard), device=str(device)))
+        except Exception as exc:
+            raise CheckpointError(f"{shard}: truncated or corrupt safetensors file: {first_line(exc)}") from None
     try:
         load_state_dict_exactly(rmodel, state, str(file))
     except SourceError as exc:
@@ -186,7 +197,8 @@ def _manifest(rmodel: nn.Module, record: ConversionRecord) -> dict:
             "strategy": plan.strategy, "options": record.options, "inputs": record.inputs.to_json(),
             "training": record.training, "weights": WEIGHTS,
             "frozen": [n for n, p in rmodel.named_parameters() if not p.requires_grad],
-            "plan": plan_to_json(plan)}
+            # a PeftModel wrapping a converted model: block paths as seen from the outer module
+            "plan": prefix_plan_paths(plan_to_json(plan), plan_prefix(rmodel))}
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -25,6 +25,7 @@ class Plan:
     rejections: list[Rejection] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # why nothing was converted, if so
     budget: Any = None  # the budget planner's BudgetPlan: budget, predicted peak, Pareto front
+    notes: list[str] = field(default_factory=list)  # how the converted module fits the training stack (PEFT, ...)
 
     @property
     def converted(self) -> bool:
@@ -86,6 +87,8 @@ class Plan:
                              "own; a segment of several blocks stays within one set")
         for rp in self.reversible:
             lines += _reversible_lines(rp, len(self.chains) + self.reversible.index(rp))
+        for note in self.notes:
+            lines.append(f"  note: {note}")
         for rej in self.rejections:
             lines.append(f"  rejected {rej.where}: {rej.reason}")
         if not self.planned and not self.errors:
