@@ -14,7 +14,7 @@ Before::
 
 After::
 
-    revify: error: interrupted by SIGHUP; nothing written    (exit 129, no temporary folder)
+    revify: error: terminated by SIGHUP; nothing written    (exit 129, no temporary folder)
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def run_interruptible(command: Callable[[], int], report: Callable[[str], None])
     try:
         return command()
     except Interrupted as exc:
-        report(f"interrupted by {exc.name}; nothing written")
+        report(f"{'interrupted' if exc.signum == signal.SIGINT else 'terminated'} by {exc.name}; nothing written")
         return exc.exit_code
     finally:
         for s, handler in previous.items():
