@@ -125,6 +125,10 @@ def write_folder_atomically(dst: str | Path, fill: Callable[[Path], Any], *, for
             raise
     except OSError as exc:
         raise CheckpointError(f"cannot write {dst}: {exc.strerror or first_line(exc)}") from None
+    except Exception as exc:
+        if not safe_paths.is_write_failure(exc):  # a full disk inside a writer (safetensors) is not a bug
+            raise
+        raise CheckpointError(f"cannot write {dst}: {first_line(exc)}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

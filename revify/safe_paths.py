@@ -210,3 +210,10 @@ def output_file_problem(path: Path, force: bool, flag: str = "--force") -> str |
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot write {path}: no permission to write in {parent}"
     return None
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """An I/O error reported by a writer that wraps it in its own exception (safetensors: "I/O error: No space
+    left on device (os error 28)")."""
+    text = str(exc)
+    return isinstance(exc, OSError) or "(os error " in text or "I/O error" in text

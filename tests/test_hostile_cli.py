@@ -217,6 +217,44 @@ def test_an_allocation_failure_is_an_error_not_nothing_converted():
     raise_if_allocation_failed(Plan(strategy="checkpoint"))  # no error: nothing raised
 
 
+ALLOCATION_DRIVER = """
+import resource, sys
+import torch, transformers  # imported before the limit: they map much address space
+from revify.cli import main
+vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 400 * 2**20, resource.RLIM_INFINITY))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failed_allocation_exits_1_with_one_line(weights, tmp_path):
+    """Memory the free-memory check cannot see (an address-space limit) runs out in the analysis: exit 1 and
+    one line naming the allocation, never "nothing was converted" with exit 0."""
+    res = subprocess.run([sys.executable, "-c", ALLOCATION_DRIVER, "convert", str(weights), "--arch",
+                          "hostile_models:net", "--input-shape", "2048x512x16", "--schedule", "per-block",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, env=_env(), timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "allocat" in _one_line_error(res.stderr) and "nothing was converted" not in res.stdout
+    assert not (tmp_path / "out").exists()
+
+
+FULL_DISK_DRIVER = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (5000, resource.RLIM_INFINITY))
+from revify.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_while_writing_exits_2_and_leaves_nothing(weights, tmp_path):
+    res = subprocess.run([sys.executable, "-c", FULL_DISK_DRIVER, "convert", str(weights), "--arch",
+                          "hostile_models:net", "--input-shape", "4x8x16", "--schedule", "per-block",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, env=_env(), timeout=120)
+    assert res.returncode == 2 and "cannot write" in _one_line_error(res.stderr)
+    assert not (tmp_path / "out").exists() and not _temporaries(tmp_path)
+
+
 def test_demo_too_large_is_refused_before_allocation(capsys):
     t0 = time.perf_counter()
     assert main(["demo", "--seq-len", "65536"]) == 2
