@@ -247,6 +247,9 @@ def _cmd_inspect(args) -> int:
                             (args.batch_size, "--batch-size"), (args.seq_len, "--seq-len")):
             if value <= 0:
                 raise UsageError(f"{flag} must be positive, got {value}")
+        from revify.input_checks import check_demo
+
+        check_demo(args, _demo_model)  # built on the meta device first: sizes before allocation
         model, inputs = _demo_model(args.layers, args.hidden, args.seq_len, args.batch_size)
         info, spec_json = {"kind": "demo"}, None
     else:

@@ -120,10 +120,30 @@ def check_step_fits(model: nn.Module, spec: InputSpec, device: str | torch.devic
     free = available_bytes(device)
     if free is None:
         return
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if weights > free:  # cheap, and a fake step of a huge model takes minutes
+        raise StepTooLarge(f"the model's weights alone need {format_bytes(weights)}; {format_bytes(free)} is free")
     need = predicted_step_bytes(model, spec, device)
     if need is not None and need > free:
         raise StepTooLarge(f"one training step on {spec.describe()} needs {format_bytes(need)} (predicted on fake "
                            f"tensors); {format_bytes(free)} is free{_batch_that_fits(spec, need, free)}")
+
+
+def check_model_fits(build: Any, where: str, device: str | torch.device = "cpu") -> None:
+    """Refuse a model whose parameters and buffers alone exceed free memory, counted on ``build()``
+    called on the meta device (a config.json asking for a huge model is one line, not an OOM kill)."""
+    free = available_bytes(device)
+    if free is None:
+        return
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # the real build reports its own failure
+        return
+    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if need > free:
+        raise StepTooLarge(f"{where}: the model's weights alone need {format_bytes(need)}; "
+                           f"{format_bytes(free)} is free")
 
 
 def is_allocation_failure(text: str) -> bool:
@@ -134,4 +154,4 @@ def is_allocation_failure(text: str) -> bool:
 
 
 __all__ = ["StepTooLarge", "available_bytes", "input_bytes", "check_inputs_fit", "check_step_fits",
-           "predicted_step_bytes", "is_allocation_failure"]
+           "check_model_fits", "predicted_step_bytes", "is_allocation_failure"]

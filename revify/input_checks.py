@@ -67,7 +67,7 @@ def check_demo(args: Any, build: Callable[[int, int, int, int], tuple]) -> None:
     """The demo's model and step, built on the meta device first (no memory), must fit."""
     from revify.sources import InputSpec
 
-    if args.repeats < 1:
+    if getattr(args, "repeats", 1) < 1:
         raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
     with torch.device("meta"):
         model, inputs = build(args.layers, args.hidden, args.seq_len, args.batch_size)

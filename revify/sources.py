@@ -357,6 +357,12 @@ def read_hf_folder(folder: Path, *, allow_adapters: bool = False) -> tuple[nn.Mo
     _check_weight_files(folder)
     config = read_config(folder)
     cls = transformers_class(config, str(folder))
+    from revify.fits import StepTooLarge, check_model_fits
+
+    try:  # sizes before allocation: counted on the meta device
+        check_model_fits(lambda: cls(config), str(folder / "config.json"))
+    except StepTooLarge as exc:
+        raise SourceError(str(exc)) from None
     try:
         # weights_only: pytorch_model.bin is a state dict and is unpickled as one
         with _quiet_transformers():

@@ -255,6 +255,20 @@ def test_a_full_disk_while_writing_exits_2_and_leaves_nothing(weights, tmp_path)
     assert not (tmp_path / "out").exists() and not _temporaries(tmp_path)
 
 
+def test_a_config_asking_for_a_huge_model_is_refused_before_allocation(bert, tmp_path, capsys):
+    src = tmp_path / "huge"
+    src.mkdir()
+    for f in bert.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config["hidden_size"] = 2**20  # about 100 TB of weights
+    (src / "config.json").write_text(json.dumps(config))
+    t0 = time.perf_counter()
+    assert main(["convert", str(src), "--out", str(tmp_path / "out")]) == 2
+    assert "weights alone need" in _one_line_error(capsys.readouterr().err)
+    assert time.perf_counter() - t0 < 60
+
+
 def test_demo_too_large_is_refused_before_allocation(capsys):
     t0 = time.perf_counter()
     assert main(["demo", "--seq-len", "65536"]) == 2
