@@ -70,7 +70,7 @@ class ReversibleOptions:
         if self.adapter_init not in ADAPTER_INITS:
             raise ValueError(f"unknown adapter_init {self.adapter_init!r}; choose one of {', '.join(ADAPTER_INITS)}")
         if not (self.tolerance > 0 and math.isfinite(self.tolerance)):
-            raise ValueError(f"tolerance must be positive, got {self.tolerance}")
+            raise ValueError(f"tolerance must be positive and finite, got {self.tolerance}")
         if self.stream_dtype not in (None, "float64", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown stream_dtype {self.stream_dtype!r}")
 

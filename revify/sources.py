@@ -303,8 +303,10 @@ def _check_config_json(folder: Path) -> None:
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SourceError(f"{file} is corrupt: {first_line(exc)}") from None
     if "auto_map" in config:  # whatever a terminal or stdin would answer, code from the folder never runs
-        raise SourceError(f"{file} names custom code (auto_map: {', '.join(map(str, config['auto_map']))[:120]}); "
-                          "revify never runs code from a model folder (custom code is never run)")
+        auto_map = config["auto_map"]
+        names = ", ".join(map(str, auto_map)) if isinstance(auto_map, dict) else str(auto_map)
+        raise SourceError(f"{file} names custom code (auto_map: {names[:120]}); revify never runs code from a "
+                          "model folder (custom code is never run)")
 
 
 def read_config(folder: Path) -> Any:

@@ -9,12 +9,15 @@ gradients). This pass re-derives what may be elided and refuses any plan
 that asks for more, naming the first inconsistency:
 
 * segments: inside the chain, in order, not overlapping;
-* ``save_ops`` segments: one kept list per block whose (index, op) pairs
-  name ops the block runs now; where ops are elided, the recorded op-sequence
-  checksum equals the one of the block profiled now, the block's dataflow is
-  known, and every elided op is one ``save_ops_menu.replay`` elides for the
-  recorded kept set on the dataflow measured now (``profile_chains``, run
-  only when some segment elides);
+* ``save_ops`` segments that elide ops: where the recorded op-sequence
+  checksum equals the one of the block profiled now (``profile_chains``, run
+  only when some segment elides) and its dataflow is measured, the kept
+  (index, op) pairs name ops the block runs and every elided op is one
+  ``save_ops_menu.replay`` elides for the recorded kept set on that
+  dataflow; where the checksum differs (loaded on another device, another
+  transformers version) or the dataflow is not measurable, the segment
+  elides nothing -- the runtime would not elide there either, and running
+  every op is always correct;
 * reversible chains: coupling scalings finite and non-zero, steps covering
   the blocks once and in order, anchors inside and increasing, recorded
   errors finite, options finite and valid.
@@ -31,6 +34,7 @@ After::
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -69,12 +73,16 @@ def _profile(model: nn.Module, cp: ChainPlan) -> Any:
     return prof.blocks
 
 
-def _check_save_ops(model: nn.Module, cp: ChainPlan, costs: list) -> None:
-    """Kept ops name ops the blocks run; elided ops are ones the measured dataflow lets the recompute skip."""
-    for s in cp.segments:
-        if s.policy != "save_ops":
-            continue
-        if s.elided_ops is None:
+def _check_save_ops(model: nn.Module, cp: ChainPlan, costs: list) -> ChainPlan:
+    """Kept ops name ops the blocks run; elided ops are ones the measured dataflow lets the recompute skip.
+
+    Returns ``cp``, or a copy whose segments elide nothing where a block runs another op sequence now
+    (another device, another transformers version: the runtime would not elide there either) or has no
+    measurable dataflow; every op then runs in recompute, which is always correct.
+    """
+    segments = list(cp.segments)
+    for n, s in enumerate(cp.segments):
+        if s.policy != "save_ops" or s.elided_ops is None:
             continue  # keeping any listed op is safe: an op whose name differs is recomputed, not trusted
         if costs[0] is None:
             costs[0] = _profile(model, cp)
@@ -86,12 +94,9 @@ def _check_save_ops(model: nn.Module, cp: ChainPlan, costs: list) -> None:
             if not s.elided_ops[i]:
                 continue
             names = {o.index: o.name for o in block.ops}
-            if s.op_digests[i] != op_digest(o.name for o in block.ops):
-                raise PlanMismatchError(f"{where}: the recorded op checksum does not match the ops this block runs "
-                                        "now; refusing to elide ops planned for another op sequence")
-            if not block.dataflow:
-                raise PlanMismatchError(f"{where}: ops are elided, but this block's dataflow cannot be measured "
-                                        "now, so nothing may be elided")
+            if s.op_digests[i] != op_digest(o.name for o in block.ops) or not block.dataflow:
+                segments[n] = dataclasses.replace(s, elided_ops=None, op_digests=None)
+                break
             for index, name in s.saved_ops[i]:
                 if names.get(index) != name:
                     raise PlanMismatchError(f"{where}: kept op {index} ({name}) is not an op of this block "
@@ -102,6 +107,7 @@ def _check_save_ops(model: nn.Module, cp: ChainPlan, costs: list) -> None:
                 if (index, name) not in allowed:
                     raise PlanMismatchError(f"{where}: op {index} ({name}) is elided but the recompute needs it "
                                             "with the recorded kept ops (measured dataflow)")
+    return dataclasses.replace(cp, segments=tuple(segments)) if segments != list(cp.segments) else cp
 
 
 def _check_reversible(rp: Any) -> None:
@@ -129,10 +135,11 @@ def _check_reversible(rp: Any) -> None:
 
 def validate_plan(plan: Plan, model: nn.Module) -> None:
     """Raise ``PlanMismatchError`` at the first inconsistency of ``plan`` (from ``apply_recorded_plan``)
-    with ``model`` as analysed and, for elided ops, profiled now."""
-    for cp in plan.chains:
+    with ``model`` as analysed and, for elided ops, profiled now. A chain whose blocks run another op
+    sequence than a segment's elision was planned on is replaced in ``plan.chains`` by one eliding nothing."""
+    for n, cp in enumerate(plan.chains):
         _check_segments(cp)
-        _check_save_ops(model, cp, [None])
+        plan.chains[n] = _check_save_ops(model, cp, [None])
     for rp in plan.reversible:
         _check_reversible(rp)
 
