@@ -89,24 +89,30 @@ def test_custom_code_does_not_run_with_yes_typed_on_a_terminal(custom_code, tmp_
     pid, fd = pty.fork()
     if pid == 0:  # the child: stdin, stdout and stderr are the pseudo-terminal
         os.execve(sys.executable, [*CLI, "convert", str(src), "--out", str(tmp_path / "out")], _env())
-    output, deadline = b"", time.monotonic() + 120
-    while time.monotonic() < deadline:
+    output, deadline, status = b"", time.monotonic() + 120, None
+    while time.monotonic() < deadline and status is None:
         ready, _, _ = select.select([fd], [], [], 0.2)
         try:
             os.write(fd, b"y\n")  # typed at whatever prompt there is
             if ready:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                output += chunk
+                output += os.read(fd, 4096)
         except OSError:  # the child closed the terminal
-            break
-        if os.waitpid(pid, os.WNOHANG) != (0, 0):
-            pid = 0
-            break
-    if pid:
+            pass
+        done, code = os.waitpid(pid, os.WNOHANG)
+        status = code if done else None
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
+    try:
+        while select.select([fd], [], [], 0.2)[0]:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            output += chunk
+    except OSError:
+        pass
     os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 2, output
     assert b"custom code" in output, output
     assert not marker.exists() and not (tmp_path / "out").exists()
 
