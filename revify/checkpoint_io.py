@@ -361,6 +361,12 @@ def _load(folder: Path, model: nn.Module | None, arch: str | None, device: str |
     except SourceError as exc:
         raise CheckpointError(str(exc)) from None
     base.to(device).train(training)
+    from revify.fits import StepTooLarge, check_step_fits
+
+    try:  # the recorded inputs may ask for a step far larger than this machine: refused before allocation
+        check_step_fits(base, spec, checked.device)
+    except StepTooLarge as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
     inputs = spec.synthesise(device)
     from revify.api import convert
 

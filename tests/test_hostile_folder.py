@@ -174,6 +174,20 @@ def test_malformed_fields_raise_checkpoint_error(folder, tmp_path, case):
     assert time.perf_counter() - t0 < 30  # the 80 GB input is refused before anything is allocated
 
 
+def test_a_recorded_step_too_large_for_free_memory_is_refused_before_allocation(folder, tmp_path, monkeypatch):
+    """Inputs of 2 GB pass the inputs check with 4 GiB free; the step on them (predicted on fake tensors,
+    tens of GB) does not."""
+    import revify.fits
+
+    monkeypatch.setattr(revify.fits, "available_bytes", lambda device="cpu": 4 * 2**30)
+    dst = _copy(folder, tmp_path)
+    _edit(dst, lambda m: _entry(m)["tensor"].__setitem__("shape", [4 * 10**6, 8, 16]))
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match="one training step .* needs"):
+        revify.load(dst, arch=ARCH)
+    assert time.perf_counter() - t0 < 30
+
+
 def test_deeply_nested_revify_json_and_missing_cuda(folder, tmp_path):
     dst = _copy(folder, tmp_path)
     (dst / "revify.json").write_text("[" * 200_000 + "]" * 200_000)
