@@ -30,6 +30,7 @@ Couplings (``y1 = λ·x1 + F(x2)``, ``y2 = β·x2 + G(y1)``):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -66,14 +67,14 @@ class ReversibleOptions:
             raise ValueError(f"unknown coupling {self.coupling!r}; choose one of {', '.join(COUPLINGS)}")
         for name in ("lam", "beta"):
             v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ValueError(f"{name} must be positive (the inverse divides by it), got {v}")
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be positive and finite (the inverse divides by it), got {v}")
         if self.adapter_rank < 1:
             raise ValueError(f"adapter_rank must be at least 1, got {self.adapter_rank}")
         if self.adapter_init not in ADAPTER_INITS:
             raise ValueError(f"unknown adapter_init {self.adapter_init!r}; choose one of {', '.join(ADAPTER_INITS)}")
-        if not self.tolerance > 0:
-            raise ValueError(f"tolerance must be positive, got {self.tolerance}")
+        if not (self.tolerance > 0 and math.isfinite(self.tolerance)):
+            raise ValueError(f"tolerance must be positive and finite, got {self.tolerance}")
         if self.stream_dtype not in (None, "float64", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown stream_dtype {self.stream_dtype!r}")
 

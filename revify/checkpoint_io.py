@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from revify import safe_paths
 from revify.saved_plan import PlanMismatchError, RecordedPlan, apply_recorded_plan, plan_to_json
 from revify.sources import (InputSpec, SourceError, build_from_factory, first_line,
                             load_state_dict_exactly, read_hf_folder)
@@ -71,9 +72,9 @@ def check_destination(dst: str | Path, force: bool, flag: str = "force=True") ->
     if dst.exists() or dst.is_symlink():
         if not force:
             raise CheckpointError(f"{dst} already exists; pass {flag} to replace it")
-        if not dst.is_dir() or dst.is_symlink() or not ((dst / MANIFEST).is_file() or not any(dst.iterdir())):
-            raise CheckpointError(f"refusing to replace {dst}: it is not a revify folder (no {MANIFEST}); "
-                                  "remove it yourself")
+        problem = safe_paths.replace_problem(dst)  # only a folder revify wrote, holding nothing else
+        if problem:
+            raise CheckpointError(problem)
     if not parent.exists():
         raise CheckpointError(f"cannot write {dst}: folder {parent} does not exist")
     if not parent.is_dir():
@@ -83,20 +84,26 @@ def check_destination(dst: str | Path, force: bool, flag: str = "force=True") ->
     return dst
 
 
-def _finish_files(folder: Path) -> None:
-    """Flush every file to disk, with the permissions the umask gives (some writers use 0600)."""
+def _finish_files(folder: Path, keep_mode: frozenset[str] = frozenset()) -> None:
+    """Flush every file to disk, with the permissions the umask gives (some writers use 0600);
+    files copied from SRC (``keep_mode``) keep SRC's, so a private tokenizer stays private."""
     mode = folder.stat().st_mode & 0o666  # the folder was made with mkdir, which applies the umask
     for f in folder.iterdir():
-        os.chmod(f, mode)
+        if f.name not in keep_mode:
+            os.chmod(f, mode)
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
 
 
-def write_folder_atomically(dst: str | Path, fill: Callable[[Path], None], *, force: bool = False,
+def write_folder_atomically(dst: str | Path, fill: Callable[[Path], Any], *, force: bool = False,
                             flag: str = "force=True") -> Path:
-    """Create ``dst`` by ``fill(tmp)`` on a temporary folder in the same parent, then one rename."""
+    """Create ``dst`` by ``fill(tmp)`` on a temporary folder in the same parent, then one rename.
+
+    ``fill`` may return the names of files whose permissions it set itself (copies of SRC's files).
+    """
     dst = check_destination(dst, force, flag)
     parent = dst.parent if str(dst.parent) else Path(".")
+    safe_paths.remove_stale_temporaries(parent)  # left by a run that was killed (SIGKILL, power loss)
     tmp = parent / f".{dst.name}.revify-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         tmp.mkdir()  # not mkdtemp: its 0700 mode would stay on the result
@@ -104,8 +111,8 @@ def write_folder_atomically(dst: str | Path, fill: Callable[[Path], None], *, fo
         raise CheckpointError(f"cannot write {dst}: {exc.strerror or first_line(exc)}") from None
     old: Path | None = None
     try:
-        fill(tmp)
-        _finish_files(tmp)
+        keep_mode = fill(tmp)
+        _finish_files(tmp, frozenset(keep_mode or ()))
         if dst.exists():
             check_destination(dst, force, flag)  # it may have appeared while we worked
             old = parent / f".{dst.name}.revify-old-{os.getpid()}-{secrets.token_hex(4)}"
@@ -119,6 +126,10 @@ def write_folder_atomically(dst: str | Path, fill: Callable[[Path], None], *, fo
             raise
     except OSError as exc:
         raise CheckpointError(f"cannot write {dst}: {exc.strerror or first_line(exc)}") from None
+    except Exception as exc:
+        if not safe_paths.is_write_failure(exc):  # a full disk inside a writer (safetensors) is not a bug
+            raise
+        raise CheckpointError(f"cannot write {dst}: {first_line(exc)}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -210,7 +221,7 @@ def read_manifest(folder: str | Path) -> dict:
         raise CheckpointError(f"{folder}: no {MANIFEST} (not a folder written by revify)")
     try:
         manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{file} cannot be read: {first_line(exc)}") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if not isinstance(version, int) or isinstance(version, bool):
@@ -284,14 +295,22 @@ def save(rmodel: nn.Module, path: str | Path, example_inputs: Any = None, *, for
         record = dataclasses.replace(record, inputs=spec)
     manifest = _manifest(rmodel, record)
 
-    def fill(tmp: Path) -> None:
-        for f in record.files:
-            if Path(f).is_file():
-                shutil.copyfile(f, tmp / Path(f).name)
+    def fill(tmp: Path) -> set[str]:
+        copied = set()
+        for f in record.files:  # regular files inside SRC only, with SRC's permissions (never through a link out)
+            source = Path(f)
+            inside = safe_paths.regular_files_inside(source.parent, [source])
+            if source.name not in copied and inside:
+                safe_paths.copy_regular_file(inside[0], tmp / source.name)
+                copied.add(source.name)
         if not (tmp / "config.json").exists():
             _write_config(rmodel, tmp)
         save_weights(rmodel, tmp / WEIGHTS)
+        # every file the folder holds, with its checksum: load detects corruption, --force replaces
+        # only a folder holding nothing else
+        manifest["files"] = {p.name: safe_paths.sha256_of(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        return copied
 
     return write_folder_atomically(path, fill, force=force, flag=_flag)
 
@@ -321,14 +340,31 @@ def load(path: str | Path, model: nn.Module | None = None, *, arch: str | None =
     overwritten and shared with the result) or ``arch="module.path:Factory"``
     (imports and calls your code; never taken from the folder itself).
     Raises ``CheckpointError`` with a one-line reason: newer format version,
-    a recorded chain this model does not have, missing or unexpected weights.
+    a recorded chain this model does not have, missing or unexpected weights,
+    a file that changed since it was written, a path leading out of the folder,
+    a recorded plan inconsistent with the model analysed now; never another
+    exception type for anything wrong in the folder.
     """
-    folder = Path(path)
+    try:
+        return _load(Path(path), model, arch, device)
+    except CheckpointError:
+        raise
+    except (Exception, RecursionError) as exc:  # one exception type for everything a folder can get wrong
+        raise CheckpointError(f"{path}: cannot be loaded: {first_line(exc)}") from exc
+
+
+def _load(folder: Path, model: nn.Module | None, arch: str | None, device: str | torch.device) -> nn.Module:
+    from revify.folder_checks import FolderProblem, check_folder
+    from revify.validate_plan import validate_plan
+
     manifest = read_manifest(folder)
     try:
+        checked = check_folder(folder, manifest, device)  # paths, checksums, inputs and their size, device
         recorded = RecordedPlan.from_json(manifest["plan"])
-        spec = InputSpec.from_json(manifest["inputs"])
+        spec = checked.spec
         source = dict(manifest["source"])
+    except FolderProblem as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{folder / MANIFEST}: malformed: {first_line(exc)}") from None
     training = bool(manifest.get("training", True))
@@ -337,6 +373,12 @@ def load(path: str | Path, model: nn.Module | None = None, *, arch: str | None =
     except SourceError as exc:
         raise CheckpointError(str(exc)) from None
     base.to(device).train(training)
+    from revify.fits import StepTooLarge, check_step_fits
+
+    try:  # the recorded inputs may ask for a step far larger than this machine: refused before allocation
+        check_step_fits(base, spec, checked.device)
+    except StepTooLarge as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
     inputs = spec.synthesise(device)
     from revify.api import convert
 
@@ -345,6 +387,7 @@ def load(path: str | Path, model: nn.Module | None = None, *, arch: str | None =
     with torch.random.fork_rng(devices=devices):
         try:
             plan, trace = apply_recorded_plan(recorded, base, inputs)
+            validate_plan(plan, base)  # a recorded plan is data from disk: checked before it is applied
         except PlanMismatchError as exc:
             raise CheckpointError(f"{folder}: {exc}") from None
         rmodel = convert(base, plan, trace, inputs, calibrate=False)
@@ -353,7 +396,7 @@ def load(path: str | Path, model: nn.Module | None = None, *, arch: str | None =
     if len(plan.chains) != len(recorded.chains) or len(plan.reversible) != len(recorded.reversible):
         reason = plan.rejections[-1].reason if plan.rejections else "a chain was dropped"
         raise CheckpointError(f"{folder}: the recorded plan could not be applied: {reason}")
-    _load_weights(rmodel, folder / manifest.get("weights", WEIGHTS), device)
+    _load_weights(rmodel, checked.weights, device)
     frozen = set(manifest.get("frozen", []))
     names = {n for n, _ in rmodel.named_parameters()}
     if frozen - names:

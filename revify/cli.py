@@ -17,7 +17,6 @@ import copy
 import inspect as pyinspect
 import json
 import os
-import signal
 import sys
 import time
 import warnings
@@ -67,10 +66,6 @@ DEMO_EXAMPLES = """examples:
 
 class UsageError(ValueError):
     """A bad command line or input; exit code 2."""
-
-
-class _Terminated(BaseException):
-    """SIGTERM, raised where the process is so that temporary files are removed."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,11 +183,14 @@ def _read(args):
             raise UsageError(f"{flag} must be positive, got {value}")
     if args.arch is not None and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like other module:object tools, --arch finds modules in the working folder
+    from revify.input_checks import check_cli_inputs
+
     src = read_source(args.src, arch=args.arch, trust_pickle=args.trust_pickle, batch_size=args.batch_size,
                       seq_len=args.seq_len, input_shapes=args.input_shape)
     if src.spec is None:
         raise UsageError("--arch and pickled sources need --input-shape (e.g. --input-shape 8x32; "
                          "repeat it for several positional inputs)")
+    check_cli_inputs(src.model, src.spec, args.device)  # sizes before allocation: one line, never an OOM kill
     src.model.to(args.device)
     return src, src.spec.synthesise(args.device)
 
@@ -207,6 +205,9 @@ def _convert(model, inputs, kw: dict, seed: int):
 
 
 def _nothing_converted(plan, args, what: str) -> int:
+    from revify.input_checks import raise_if_allocation_failed
+
+    raise_if_allocation_failed(plan)  # a failed allocation is an error, not "nothing was converted"
     print(plan.summary())
     print(f"nothing was converted; {what}")
     return 1 if args.strict else 0
@@ -246,6 +247,9 @@ def _cmd_inspect(args) -> int:
                             (args.batch_size, "--batch-size"), (args.seq_len, "--seq-len")):
             if value <= 0:
                 raise UsageError(f"{flag} must be positive, got {value}")
+        from revify.input_checks import check_demo
+
+        check_demo(args, _demo_model)  # built on the meta device first: sizes before allocation
         model, inputs = _demo_model(args.layers, args.hidden, args.seq_len, args.batch_size)
         info, spec_json = {"kind": "demo"}, None
     else:
@@ -269,6 +273,9 @@ def _cmd_report(args) -> int:
 
     if args.plot is not None and not callable(getattr(MemoryReport, "plot", None)):
         raise UsageError("--plot needs MemoryReport.plot, which this revify version does not have")
+    from revify.input_checks import check_report_flags
+
+    check_report_flags(args)  # --repeats, and --plot never overwrites without --force
     kw = _conversion_options(args)
     with _stages(["load SRC", "analyse, convert, calibrate", "measure"]) as stage:
         with stage("load SRC"):
@@ -371,6 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_source(r)
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     r.add_argument("--plot", metavar="PNG", help="also draw the memory report to this image file")
+    r.add_argument("--force", action="store_true", help="overwrite the --plot file if it exists")
     r.add_argument("--repeats", type=int, default=3, help="timed steps per model (median, default 3)")
     r.add_argument("--formulas", action="store_true",
                    help="also fit memory as a formula of batch size and sequence length (measures more sizes)")
@@ -394,16 +402,22 @@ def _run(args) -> int:
                             (args.batch_size, "--batch-size"), (args.seq_len, "--seq-len")):
             if value <= 0:
                 raise UsageError(f"{flag} must be positive, got {value}")
+        from revify.input_checks import check_demo
+
+        check_demo(args, _demo_model)
         return _cmd_demo(args)
     handler = {"convert": _cmd_convert, "inspect": _cmd_inspect, "report": _cmd_report}[args.command]
     return handler(args)
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
+    from revify.signals import run_interruptible
+
+    # SIGINT, SIGTERM, SIGHUP: one line, exit 130 / 143 / 129, temporary folders removed
+    return run_interruptible(lambda: _main(argv), _err)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
     except UsageError as exc:
@@ -411,12 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
-    try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
     from revify.api import RevifyError
     from revify.checkpoint_io import CheckpointError
+    from revify.input_checks import UsageError as InputError
     from revify.saved_plan import PlanMismatchError
     from revify.sources import SourceError, first_line
 
@@ -425,27 +436,21 @@ def main(argv: list[str] | None = None) -> int:
             if not getattr(args, "verbose", False):
                 warnings.simplefilter("ignore")
             return _run(args)
-    except (UsageError, SourceError, CheckpointError, PlanMismatchError) as exc:
+    except (UsageError, InputError, SourceError, CheckpointError, PlanMismatchError) as exc:
         _err(str(exc))
         return 2
     except BrokenPipeError:  # stdout closed early (revify report ... | head): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # signals not handled (not the main thread)
         _err("interrupted; nothing written")
         return 130
-    except _Terminated:
-        _err("terminated; nothing written")
-        return 143
     except Exception as exc:  # a conversion that fails must not dump a traceback on the user
         if os.environ.get("REVIFY_TRACEBACK"):
             raise
         prefix = "conversion failed: " if not isinstance(exc, RevifyError) else ""
         _err(f"{prefix}{first_line(exc)} (REVIFY_TRACEBACK=1 shows where)")
         return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ After (``apply_recorded_plan``)::
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,8 +143,8 @@ def _reversible_from_json(r: dict) -> RecordedReversibleChain:
     options = ReversibleOptions(**r["options"])
     options.validate()
     coupling = Coupling(base.name, float(c["lam"]), float(c["beta"]), base.switch, base.output)
-    if not (coupling.lam > 0 and coupling.beta > 0):
-        raise ValueError(f"coupling scalings must be positive, got λ={coupling.lam}, β={coupling.beta}")
+    if not (0 < coupling.lam < math.inf and 0 < coupling.beta < math.inf):
+        raise ValueError(f"coupling scalings must be positive and finite, got λ={coupling.lam}, β={coupling.beta}")
     steps = tuple(tuple(int(i) for i in s) for s in r["steps"])
     anchors = tuple(int(a) for a in r.get("anchors", ()))
     if any(not 0 <= a < len(steps) for a in anchors):

@@ -33,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import io
 import json
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+
+from revify.safe_paths import source_kind_problem
 
 # files of a Hugging Face folder that are not weights and that a converted folder keeps
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -262,9 +266,11 @@ def _quiet_transformers() -> Iterator[None]:
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    stdin, sys.stdin = sys.stdin, io.StringIO()  # nothing transformers asks (run custom code?) is answered
     try:
         yield
     finally:
+        sys.stdin = stdin
         logging.set_verbosity(verbosity)
         if bars:
             logging.enable_progress_bar()
@@ -291,10 +297,16 @@ def _check_config_json(folder: Path) -> None:
         raise SourceError(f"{folder}: no config.json (not a Hugging Face model folder); "
                           "for a state dict file pass the file and --arch module.path:Factory")
     try:
-        if not isinstance(json.loads(file.read_text()), dict):
+        config = json.loads(file.read_text())
+        if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SourceError(f"{file} is corrupt: {first_line(exc)}") from None
+    if "auto_map" in config:  # whatever a terminal or stdin would answer, code from the folder never runs
+        auto_map = config["auto_map"]
+        names = ", ".join(map(str, auto_map)) if isinstance(auto_map, dict) else str(auto_map)
+        raise SourceError(f"{file} names custom code (auto_map: {names[:120]}); revify never runs code from a "
+                          "model folder (custom code is never run)")
 
 
 def read_config(folder: Path) -> Any:
@@ -303,7 +315,8 @@ def read_config(folder: Path) -> Any:
     transformers = _import_transformers()
     try:
         with _quiet_transformers():
-            return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                                           trust_remote_code=False)
     except Exception as exc:
         raise SourceError(f"{file} cannot be read: {first_line(exc)}") from None
 
@@ -346,12 +359,18 @@ def read_hf_folder(folder: Path, *, allow_adapters: bool = False) -> tuple[nn.Mo
     _check_weight_files(folder)
     config = read_config(folder)
     cls = transformers_class(config, str(folder))
+    from revify.fits import StepTooLarge, check_model_fits
+
+    try:  # sizes before allocation: counted on the meta device
+        check_model_fits(lambda: cls(config), str(folder / "config.json"))
+    except StepTooLarge as exc:
+        raise SourceError(str(exc)) from None
     try:
         # weights_only: pytorch_model.bin is a state dict and is unpickled as one
         with _quiet_transformers():
             model, info = cls.from_pretrained(str(folder), config=config, local_files_only=True,
                                               output_loading_info=True, ignore_mismatched_sizes=True,
-                                              weights_only=True)
+                                              weights_only=True, trust_remote_code=False)
     except Exception as exc:
         what = "truncated or corrupt" if "safetensor" in type(exc).__name__.lower() else "unreadable"
         raise SourceError(f"{folder}: weights are {what}: {first_line(exc)}") from None
@@ -467,6 +486,9 @@ def read_source(src: str | Path, *, arch: str | None = None, trust_pickle: bool 
     path = Path(src)
     if not path.exists():
         raise SourceError(f"{src}: no such file or folder")
+    problem = source_kind_problem(path)  # a FIFO or /dev/zero would block or never end
+    if problem:
+        raise SourceError(problem)
     shapes = [parse_input_shape(s) for s in input_shapes or []]
     if path.is_dir() and (path / "revify.json").is_file():
         raise SourceError(f"{src} is already a converted revify folder; load it with revify.load()")

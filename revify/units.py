@@ -1,6 +1,7 @@
 """Byte counts as users write them: ``"6GiB"``, ``"512 MB"``, ``2**30``."""
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -23,6 +24,8 @@ def parse_bytes(value: int | float | str) -> int:
             raise ValueError(f"not a byte count: {value!r} (write e.g. 6GiB, 512MB or a number of bytes)")
         number, unit = float(match.group(1)), match.group(2).lower()
     nbytes = number * _UNITS[unit]
+    if not math.isfinite(nbytes) or nbytes >= 2**80:  # 1e400 parses as inf; no machine has a yottabyte
+        raise ValueError(f"not a byte count this machine could have: {value!r}")
     if unit == "" and 0 < number < 1:
         raise ValueError(f"memory is an amount of bytes, not a fraction: {value!r} (write e.g. 6GiB)")
     if not nbytes > 0:

@@ -239,5 +239,5 @@ def test_sigterm_while_writing_leaves_no_destination_and_no_temporary_folder(bad
     env = {**os.environ, "PYTHONPATH": str(bad)}
     res = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env, cwd=bad,
                          timeout=300)
-    assert_refused(res, 143, r"terminated; nothing written", dst)
+    assert_refused(res, 143, r"terminated by SIGTERM; nothing written", dst)
     assert os.listdir(tmp_path) == []

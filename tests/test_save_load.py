@@ -230,16 +230,27 @@ def test_newer_format_version_is_refused(saved_mlp, tmp_path):
         revify.load(dst, model=MLPResNet())
 
 
+def _rehash(folder: Path) -> None:
+    """Re-record the checksums in revify.json after replacing a file (else load refuses it as changed)."""
+    from revify.safe_paths import sha256_of
+
+    manifest = json.loads((folder / "revify.json").read_text())
+    manifest["files"] = {n: sha256_of(folder / n) for n in manifest["files"]}
+    (folder / "revify.json").write_text(json.dumps(manifest))
+
+
 def test_weights_load_strictly(saved_mlp, tmp_path):
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(saved_mlp / "model.safetensors"))
     extra = _copy(saved_mlp, tmp_path / "extra")
     save_file({**state, "blocks.0.surprise": torch.zeros(3)}, str(extra / "model.safetensors"))
+    _rehash(extra)
     with pytest.raises(CheckpointError, match="1 tensor.* not in the model, e.g. blocks.0.surprise"):
         revify.load(extra, model=MLPResNet())
     missing = _copy(saved_mlp, tmp_path / "missing")
     save_file({k: v for k, v in state.items() if k != "out.bias"}, str(missing / "model.safetensors"))
+    _rehash(missing)
     with pytest.raises(CheckpointError, match="missing from the file, e.g. out.bias"):
         revify.load(missing, model=MLPResNet())
     other_head = MLPResNet()
