@@ -44,7 +44,8 @@ import torch
 from revify.measure import measure_training_memory, run_model
 
 __all__ = ["DTYPES", "precision", "to_device", "train_step", "PeakMemory", "measure_peak", "PairedTimes",
-           "paired_step_times", "device_of", "Autocast", "with_precision"]
+           "paired_step_times", "device_of", "Autocast", "with_precision", "autocast_forward",
+           "StepMemory", "measure_step_memory"]
 
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``--dtype`` values: the autocast dtype (None: no autocast, fp32)."""
@@ -78,6 +79,35 @@ def precision(device: str | torch.device, dtype: str, cache_enabled: bool = True
         return
     with torch.autocast(device_type=torch.device(device).type, dtype=amp, cache_enabled=cache_enabled):
         yield
+
+
+@contextlib.contextmanager
+def autocast_forward(model: torch.nn.Module, device: str | torch.device, dtype: str) -> Iterator[torch.nn.Module]:
+    """While active, each call of ``model`` runs its forward under autocast and leaves it before the
+    loss and backward. Hooks on the module itself, not a wrapper: submodule paths and attributes
+    (``revify_plan``) stay as they are. Nothing is installed for fp32."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if DTYPES[dtype] is None:
+        yield model
+        return
+    active: list[Any] = []
+
+    def enter(module: Any, args: Any) -> None:
+        ctx = torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+        ctx.__enter__()
+        active.append(ctx)
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class Autocast(torch.nn.Module):
@@ -160,6 +190,29 @@ def measure_peak(model: Any, inputs: Any, loss_fn: LossFn, device: str | torch.d
     peak, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
     _zero_grads(model)
     return PeakMemory(peak - resident, peak, reserved, resident, "cuda allocator")
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes saved for backward (saved-tensor hooks) beside the step's peak (see :class:`PeakMemory`)."""
+
+    saved_bytes: int
+    peak: PeakMemory
+
+
+def measure_step_memory(model: Any, inputs: Any, loss_fn: LossFn, device: str | torch.device | None = None,
+                        warmup: int = 1) -> StepMemory:
+    """Saved bytes and the peak of one step, after ``warmup`` steps. On CPU one observed step gives both;
+    on CUDA the peak comes from a step without hooks (they would add their own bookkeeping)."""
+    device = torch.device(device) if device is not None else device_of(model)
+    for _ in range(max(0, warmup)):
+        train_step(model, inputs, loss_fn)
+    if device.type != "cuda":
+        prof = measure_training_memory(model, inputs, loss_fn)
+        return StepMemory(prof.saved_bytes, PeakMemory(prof.peak_bytes, None, None, None, "live tensors"))
+    from revify.measure import measure_saved_bytes
+    saved = measure_saved_bytes(model, inputs, loss_fn)[0]
+    return StepMemory(saved, measure_peak(model, inputs, loss_fn, device))
 
 
 @dataclass(frozen=True)
