@@ -26,6 +26,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 import revify
+from gpu_suite import enable_hf_checkpointing  # bench/ is the script's folder
 from revify.device_step import DTYPES, measure_step_memory, paired_step_times, precision, with_precision
 from revify.report import default_loss_fn, format_bytes
 
@@ -71,7 +72,7 @@ def main() -> None:
     inputs = {"input_ids": torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len)).to(device)}
 
     hf = copy.deepcopy(base)
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_hf_checkpointing(hf)
     # the planner measures under the training precision (without autocast's weight-cast cache: it runs
     # many forwards in one region, see revify.device_step.precision)
     with precision(device, args.dtype, cache_enabled=False):

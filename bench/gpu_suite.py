@@ -95,6 +95,19 @@ LABELS = {
 PLAIN_LIMIT = 40e9  # bytes: the Llama batch is the largest whose plain step stays within 40 GB
 
 
+def enable_hf_checkpointing(model: torch.nn.Module) -> str:
+    """Hugging Face's own checkpointing, as a user turns it on; returns the call made.
+
+    transformers 5 deprecates ``gradient_checkpointing_enable`` for ``activation_checkpointing_enable``
+    (5.25 has it, 5.17 does not); both checkpoint each layer, non-reentrant here.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable()
+        return "activation_checkpointing_enable()"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return "gradient_checkpointing_enable(use_reentrant=False)"
+
+
 def _loss(out: Any) -> torch.Tensor:
     return out.loss  # the models compute their own task loss from the labels in the inputs
 
@@ -279,12 +292,7 @@ class Suite:
             return w.model, w.model, {}
         if row == "hf":
             m = copy.deepcopy(w.model)
-            if hasattr(m, "activation_checkpointing_enable"):
-                m.activation_checkpointing_enable()
-                out.note = "activation_checkpointing_enable()"
-            else:
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                out.note = "gradient_checkpointing_enable(use_reentrant=False)"
+            out.note = enable_hf_checkpointing(m)
             return m, w.model, {}
         if row == "perblock":
             _, profiles, problems = self.planner(w)

@@ -33,6 +33,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import revify
+from gpu_suite import enable_hf_checkpointing  # bench/ is the script's folder
 from revify.device_step import DTYPES, measure_step_memory, paired_step_times, precision, with_precision
 from revify.report import default_loss_fn, format_bytes
 
@@ -69,7 +70,7 @@ def run_depth(layers: int, args) -> list[str]:
     torch.manual_seed(1)
     inputs = {"input_ids": torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len)).to(device)}
     hf = copy.deepcopy(base)
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_hf_checkpointing(hf)
     # converted, profiled and calibrated at the training precision (no weight-cast cache: see
     # revify.device_step.precision)
     with precision(device, args.dtype, cache_enabled=False):
