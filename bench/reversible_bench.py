@@ -94,7 +94,8 @@ def run_depth(layers: int, args) -> list[str]:
         amp = with_precision(model, device, args.dtype)  # forward under autocast, backward outside
         mem = measure_step_memory(amp, inputs, default_loss_fn, device)
         # every variant paired with full fine-tuning; /stored divides two such median ratios
-        times = paired_step_times(amp, full_amp, inputs, default_loss_fn, pairs=args.pairs, device=device)
+        times = paired_step_times(amp, full_amp, inputs, default_loss_fn, pairs=args.pairs, device=device,
+                                  clock=args.clock)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rows.append((name, mem, times, info, trainable))
         print(f"  measured {name}", flush=True)
@@ -140,6 +141,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--pairs", type=int, default=5, help="timed steps per variant, each paired with full fine-tuning")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="CPU steps: wall clock, or the process's CPU time (steadier on shared cores)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                     help="fp32, or bf16/fp16 autocast over fp32 weights (default fp32)")
     args = ap.parse_args()

@@ -245,7 +245,7 @@ class PairedTimes:
         return f"{self.ratio:.2f}x [{lo:.2f}-{hi:.2f}] over {len(self.times_s)} pairs"
 
 
-def _timed(model: Any, inputs: Any, loss_fn: LossFn, device: torch.device) -> float:
+def _timed(model: Any, inputs: Any, loss_fn: LossFn, device: torch.device, clock: str = "wall") -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
@@ -254,19 +254,26 @@ def _timed(model: Any, inputs: Any, loss_fn: LossFn, device: torch.device) -> fl
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    t0 = now()
     train_step(model, inputs, loss_fn)
-    return time.perf_counter() - t0
+    return now() - t0
 
 
 def paired_step_times(model: Any, base: Any, inputs: Any, loss_fn: LossFn, *, pairs: int = 5, warmup: int = 1,
-                      device: str | torch.device | None = None, base_inputs: Any = None) -> PairedTimes:
+                      device: str | torch.device | None = None, base_inputs: Any = None,
+                      clock: str = "wall") -> PairedTimes:
     """Time ``pairs`` steps of ``model``, each next to a step of ``base``, after ``warmup`` steps of each.
 
     Pair ``k`` runs the variant first when ``k`` is even and the baseline first when odd, so neither
     always follows the other (a step after a slower one can find caches cold or the clock lower).
-    ``base_inputs`` (default ``inputs``) lets the baseline take its own inputs.
+    ``base_inputs`` (default ``inputs``) lets the baseline take its own inputs. On CPU,
+    ``clock="cpu"`` times with the process's CPU time (``time.process_time``) instead of the wall
+    clock: on cores shared with other processes, time spent waiting for a core is not the step's
+    (CUDA steps are always timed with CUDA events).
     """
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     device = torch.device(device) if device is not None else device_of(model)
     base_inputs = inputs if base_inputs is None else base_inputs
     for _ in range(max(0, warmup)):
@@ -275,11 +282,11 @@ def paired_step_times(model: Any, base: Any, inputs: Any, loss_fn: LossFn, *, pa
     times, base_times = [], []
     for k in range(max(1, pairs)):
         if k % 2 == 0:
-            times.append(_timed(model, inputs, loss_fn, device))
-            base_times.append(_timed(base, base_inputs, loss_fn, device))
+            times.append(_timed(model, inputs, loss_fn, device, clock))
+            base_times.append(_timed(base, base_inputs, loss_fn, device, clock))
         else:
-            base_times.append(_timed(base, base_inputs, loss_fn, device))
-            times.append(_timed(model, inputs, loss_fn, device))
+            base_times.append(_timed(base, base_inputs, loss_fn, device, clock))
+            times.append(_timed(model, inputs, loss_fn, device, clock))
     _zero_grads(model)
     _zero_grads(base)
     return PairedTimes(tuple(times), tuple(base_times))
