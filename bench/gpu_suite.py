@@ -51,6 +51,7 @@ tracker's and reserved is n/a.
     python bench/gpu_suite.py                        # the GPU run: results/gpu-<date>.json and .md
     python bench/gpu_suite.py --only plain hf budget-hf --models bert
     python bench/gpu_suite.py --quick                # tiny, CPU, < 2 minutes
+    python bench/gpu_suite.py --quick --device cuda  # tiny, on the GPU: a smoke run of the CUDA paths
 """
 from __future__ import annotations
 
@@ -501,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--only", nargs="+", choices=ROWS, help="rows to run (plain always runs: every ratio needs it)")
     ap.add_argument("--skip", nargs="+", choices=ROWS, default=[], help="rows not to run")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", help="default: cuda where there is one, else cpu; --quick: cpu unless given")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
     ap.add_argument("--pairs", type=int, default=5, help="paired steps (variant, plain) per row")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each before the pairs")
@@ -514,8 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or "results")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU: the same code in seconds")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.device, args.pairs = "cpu", min(args.pairs, 2)
+    if args.quick:  # tiny shapes; with --device cuda a smoke run of the CUDA paths (compile uses inductor there)
+        args.device, args.pairs = args.device or "cpu", min(args.pairs, 2)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_suite: no CUDA device; use --quick (CPU) or --device cpu", file=sys.stderr)
         return 2
