@@ -350,7 +350,7 @@ class Suite:
                 if w.perblock is None:  # the perblock row did not run: the same rewrite, without profiling
                     w.perblock = revify.revify(w.model, w.inputs, schedule="per-block", strict=True)
                 target = w.perblock
-            backend = "inductor" if self.device.type == "cuda" else "aot_eager"
+            backend = self.args.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
             budget = 0.5 if row == "compile-0.5" else 1.0
             compiled = torch.compile(target, backend=backend)
             t = time.perf_counter()
@@ -511,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-seq", type=int)
     ap.add_argument("--llama-batch", type=int, help="default: the largest within 40 GB for plain training")
     ap.add_argument("--compile-saved", action="store_true", help="also count saved bytes on compile rows")
+    ap.add_argument("--compile-backend", choices=["inductor", "aot_eager"],
+                    help="default: inductor on CUDA, aot_eager on CPU (same partitioner and activation budget, "
+                         "no code generation: compiles in seconds, runs eager kernels)")
     ap.add_argument("--time-limit", type=float, default=0, help="seconds; rows after it are recorded as skipped")
     ap.add_argument("--out", default=os.environ.get("OUT") or "results")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU: the same code in seconds")
