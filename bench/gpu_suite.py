@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import gc
 import json
 import os
 import sys
@@ -225,6 +226,7 @@ class Suite:
         self.device = torch.device(args.device)
         self.rows: list[Row] = []
         self.workloads: dict[str, Workload] = {}
+        self.described: dict[str, tuple[str, int, int]] = {}  # name -> (desc, tokens, batch), kept after release
         self.t0 = time.perf_counter()
         self.env = {"torch": torch.__version__, "device": self._device_name(), "dtype": args.dtype,
                     "pairs": args.pairs, "quick": args.quick, "date": dt.datetime.now(dt.timezone.utc).isoformat()}
@@ -252,6 +254,7 @@ class Suite:
                 w = _llama(self.args.quick, self.device, self.args.llama_batch, self.args.llama_seq,
                            self.args.dtype, self.log)
             self.workloads[name] = w
+            self.described[name] = w.desc, w.tokens, w.batch
             self.log(f"{w.desc}: built in {time.perf_counter() - t:.1f} s, "
                      f"{sum(p.numel() for p in w.model.parameters()) / 1e6:.0f}M parameters")
         return self.workloads[name]
@@ -274,14 +277,14 @@ class Suite:
         return w.planner
 
     def release(self, name: str) -> None:
-        """Drop what only eager rows need (the reversible models' weight copies, the planner's profile)."""
-        w = self.workloads.get(name)
+        """Drop a model and everything built on it after its eager rows, so the next model's absolute peaks
+        hold its own weights only; compile rows build it again (same seed, same batch)."""
+        w = self.workloads.pop(name, None)
         if w is None:
             return
-        for key in ("_rev_meft1", "_rev_meft3"):
-            if hasattr(w, key):
-                delattr(w, key)
-        w.planner = None
+        setattr(self.args, f"{name}_batch", w.batch)
+        del w
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -424,8 +427,8 @@ class Suite:
         out = [f"GPU suite — {self.env['device']}, torch {self.env['torch']}, transformers "
                f"{self.env.get('transformers', '-')}, {self.args.dtype} autocast, {self.args.pairs} pairs, "
                f"{self.env['date'][:16]}Z" + (" — QUICK (tiny shapes, CPU)" if self.args.quick else ""), ""]
-        for name, w in self.workloads.items():
-            out += [f"**{w.desc}** ({w.tokens} tokens/step)", "",
+        for name, (desc, tokens, _) in self.described.items():
+            out += [f"**{desc}** ({tokens} tokens/step)", "",
                     "| row | variant | peak | reserved | step peak | /plain | saved | /plain | step ms | x plain "
                     "[spread] | tokens/s | pred peak | pred err | vs | notes |",
                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -454,7 +457,7 @@ class Suite:
     def goals(self) -> list[str]:
         """The issue's goals, met or missed, from the rows measured."""
         lines = []
-        for name in self.workloads:
+        for name in self.described:
             get = {r.row: r for r in self.rows if r.model == name and r.status == "ok"}
             if "budget-hf" in get:
                 r = get["budget-hf"]
@@ -476,8 +479,8 @@ class Suite:
     def write(self) -> None:
         os.makedirs(self.args.out, exist_ok=True)
         stem = os.path.join(self.args.out, f"gpu-{dt.date.today().isoformat()}" + ("-quick" if self.args.quick else ""))
-        data = {"env": self.env, "workloads": {n: {"desc": w.desc, "tokens": w.tokens, "batch": w.batch}
-                                               for n, w in self.workloads.items()},
+        data = {"env": self.env, "workloads": {n: {"desc": d, "tokens": t, "batch": b}
+                                               for n, (d, t, b) in self.described.items()},
                 "rows": [r.__dict__ for r in self.rows], "elapsed_s": time.perf_counter() - self.t0}
         with open(stem + ".json", "w") as f:
             json.dump(data, f, indent=1, default=str)
