@@ -1,13 +1,18 @@
 """Checkpoint benchmark: revify against the anchors, side by side, in one run.
 
 BERT-base shape by default (12 layers, hidden 768, batch 4, seq 128, fp32,
-CPU). Every figure is measured by ``revify.measure.measure_step``: bytes saved
-for backward (saved_tensors_hooks, deduplicated by storage, parameters and
-buffers excluded), peak live tensor bytes during forward+backward, and the
-median step time. Ratios are to plain training.
+CPU). Every figure is measured (``revify.device_step``): bytes saved for
+backward (saved_tensors_hooks, deduplicated by storage, parameters and buffers
+excluded), the step's peak (CPU: live tensor bytes above the step's start; CUDA:
+``max_memory_allocated`` less what was allocated at the start, with the
+absolute peak and ``max_memory_reserved`` beside it), and the step time paired
+with plain training: each variant's steps alternate with plain steps, and the
+ratio printed is the median of the per-pair ratios with its spread, so a machine
+whose speed drifts over minutes does not read as a slowdown.
 
     python bench/checkpoint_bench.py                 # BERT-base shape
     python bench/checkpoint_bench.py --layers 4 --hidden 256   # quick look
+    python bench/checkpoint_bench.py --device cuda --dtype bf16 --batch-size 32 --seq-len 512
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 import revify
-from revify.measure import measure_step
+from gpu_suite import enable_hf_checkpointing  # bench/ is the script's folder
+from revify.device_step import DTYPES, measure_step_memory, paired_step_times, precision, with_precision
 from revify.report import default_loss_fn, format_bytes
 
 
@@ -51,53 +57,78 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=5, help="timed steps per variant, each paired with a plain step")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="CPU steps: wall clock, or the process's CPU time (steadier on shared cores)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="fp32, or bf16/fp16 autocast over fp32 weights (default fp32)")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("checkpoint_bench: --device cuda, but no CUDA device is available")
 
-    base = build(args.layers, args.hidden, args.seq_len)
+    base = build(args.layers, args.hidden, args.seq_len).to(device)
     torch.manual_seed(1)
     # no attention mask: every anchor runs the layers with the same (absent) mask
-    inputs = {"input_ids": torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len))}
+    inputs = {"input_ids": torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len)).to(device)}
 
     hf = copy.deepcopy(base)
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_hf_checkpointing(hf)
+    # the planner measures under the training precision (without autocast's weight-cast cache: it runs
+    # many forwards in one region, see revify.device_step.precision)
+    with precision(device, args.dtype, cache_enabled=False):
+        planner = revify.revify(copy.deepcopy(base), inputs, strategy="checkpoint")
+        per_block = revify.revify(copy.deepcopy(base), inputs, strategy="checkpoint", schedule="per-block")
     variants = [
         ("plain training", base),
         ("HF gradient_checkpointing_enable", hf),
         ("checkpoint_sequential sqrt(n)", with_checkpoint_sequential(copy.deepcopy(base))),
         # the default planner minimises the peak, then recompute: where parameter gradients set
         # the peak it keeps activations that cost no peak, so it is shown beside per-block
-        ("revify planner (default)", revify.revify(copy.deepcopy(base), inputs, strategy="checkpoint")),
-        ("revify checkpoint per-block", revify.revify(copy.deepcopy(base), inputs, strategy="checkpoint",
-                                                      schedule="per-block")),
+        ("revify planner (default)", planner),
+        ("revify checkpoint per-block", per_block),
     ]
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} CPU threads")
     print(f"BERT shape: {args.layers} layers, hidden {args.hidden}, batch {args.batch_size}, "
-          f"seq {args.seq_len}, fp32, {torch.get_num_threads()} CPU threads — all figures measured")
+          f"seq {args.seq_len}, {args.dtype}, {where} — all figures measured")
     rows = []
+    plain_amp = with_precision(base, device, args.dtype)
     for name, model in variants:
-        m = measure_step(model, inputs, default_loss_fn, repeats=args.repeats)
-        rows.append((name, m))
+        amp = with_precision(model, device, args.dtype)  # forward under autocast, backward outside
+        mem = measure_step_memory(amp, inputs, default_loss_fn, device)
+        times = paired_step_times(amp, plain_amp, inputs, default_loss_fn, pairs=args.pairs, device=device,
+                                  clock=args.clock)
+        rows.append((name, mem, times))
         print(f"  measured {name}", flush=True)
     plain = rows[0][1]
+    peak_name = "peak" if device.type != "cuda" else "step peak"
     print()
-    print(f"{'variant':34} {'saved':>11} {'ratio':>7} {'peak':>11} {'ratio':>7} {'step':>9} {'ratio':>7}")
-    for name, m in rows:
-        print(f"{name:34} {format_bytes(m.saved_bytes):>11} {m.saved_bytes / plain.saved_bytes:7.3f} "
-              f"{format_bytes(m.peak_bytes):>11} {m.peak_bytes / plain.peak_bytes:7.3f} "
-              f"{m.step_time_s * 1e3:7.0f}ms {m.step_time_s / plain.step_time_s:7.2f}")
-    r = rows[-1][1]  # per-block: the goal is about bytes saved for backward
+    print(f"{'variant':34} {'saved':>11} {'ratio':>7} {peak_name:>11} {'ratio':>7} {'step':>9} "
+          f"{'x plain [spread]':>18}" + (f" {'peak alloc':>11} {'reserved':>11}" if device.type == "cuda" else ""))
+    for name, m, t in rows:
+        lo, hi = t.spread
+        line = (f"{name:34} {format_bytes(m.saved_bytes):>11} {m.saved_bytes / plain.saved_bytes:7.3f} "
+                f"{format_bytes(m.peak.step_peak_bytes):>11} {m.peak.step_peak_bytes / plain.peak.step_peak_bytes:7.3f} "
+                f"{t.median_s * 1e3:7.0f}ms {t.ratio:7.2f} [{lo:.2f}-{hi:.2f}]")
+        if device.type == "cuda":
+            line += f" {format_bytes(m.peak.peak_bytes):>11} {format_bytes(m.peak.reserved_bytes):>11}"
+        print(line)
+    clock = "CUDA events" if device.type == "cuda" else {"wall": "wall clock", "cpu": "process CPU time"}[args.clock]
+    print(f"step ({clock}): median of {args.pairs} steps; x plain: median of the ratios of each step to the plain step run "
+          "beside it (the order alternating), [lowest-highest]; plain's own row is the noise floor")
+    _, r, rt = rows[-1]  # per-block: the goal is about bytes saved for backward
     saved_frac = 1 - r.saved_bytes / plain.saved_bytes
-    slowdown = r.step_time_s / plain.step_time_s
     print()
     print(f"revify saves {saved_frac:.1%} of plain saved-activation bytes (goal >= 85%) "
-          f"at {slowdown:.2f}x plain step time (goal <= 1.4x): "
-          f"{'MET' if saved_frac >= 0.85 and slowdown <= 1.4 else 'NOT MET'}")
-    d = rows[-2][1]
-    print(f"revify planner (default): peak {d.peak_bytes / r.peak_bytes:.3f}x per-block's at "
-          f"{d.step_time_s / r.step_time_s:.2f}x its step time, keeping {d.saved_bytes / plain.saved_bytes:.1%} "
+          f"at {rt.ratio:.2f}x plain step time (goal <= 1.4x): "
+          f"{'MET' if saved_frac >= 0.85 and rt.ratio <= 1.4 else 'NOT MET'}")
+    _, d, dt = rows[-2]
+    print(f"revify planner (default): peak {d.peak.step_peak_bytes / r.peak.step_peak_bytes:.3f}x per-block's at "
+          f"{dt.ratio / rt.ratio:.2f}x its step time, keeping {d.saved_bytes / plain.saved_bytes:.1%} "
           "of plain saved bytes")
-    print(variants[-2][1].revify_plan.summary())
+    print(planner.revify_plan.summary())
 
 
 if __name__ == "__main__":

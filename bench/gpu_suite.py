@@ -51,12 +51,14 @@ tracker's and reserved is n/a.
     python bench/gpu_suite.py                        # the GPU run: results/gpu-<date>.json and .md
     python bench/gpu_suite.py --only plain hf budget-hf --models bert
     python bench/gpu_suite.py --quick                # tiny, CPU, < 2 minutes
+    python bench/gpu_suite.py --quick --device cuda  # tiny, on the GPU: a smoke run of the CUDA paths
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime as dt
+import gc
 import json
 import os
 import sys
@@ -71,7 +73,7 @@ import revify
 from revify.api import analyse_model
 from revify.device_step import (PairedTimes, measure_peak, paired_step_times, precision, to_device, train_step,
                                  with_precision)
-from revify.measure import measure_saved_bytes
+from revify.measure import measure_saved_bytes, parameter_bytes
 from revify.passes.plan_budget import build_problem, checkpoint_plans, schedule_path
 from revify.passes.plan_checkpoint import plan_checkpoint
 from revify.passes.profile_blocks import profile_chains
@@ -93,6 +95,19 @@ LABELS = {
     "perblock+compile": "revify per-block + torch.compile",
 }
 PLAIN_LIMIT = 40e9  # bytes: the Llama batch is the largest whose plain step stays within 40 GB
+
+
+def enable_hf_checkpointing(model: torch.nn.Module) -> str:
+    """Hugging Face's own checkpointing, as a user turns it on; returns the call made.
+
+    transformers 5 deprecates ``gradient_checkpointing_enable`` for ``activation_checkpointing_enable``
+    (5.25 has it, 5.17 does not); both checkpoint each layer, non-reentrant here.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable()
+        return "activation_checkpointing_enable()"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return "gradient_checkpointing_enable(use_reentrant=False)"
 
 
 def _loss(out: Any) -> torch.Tensor:
@@ -165,14 +180,18 @@ def _llama(quick: bool, device: torch.device, batch: int | None, seq: int | None
 
 
 def _fit_batch(model: torch.nn.Module, make: Callable[[int], dict], log: Callable[[str], None]) -> int:
-    """The largest batch whose plain step's max_memory_allocated stays within PLAIN_LIMIT (linear in batch)."""
+    """The largest batch whose plain step peaks within PLAIN_LIMIT: the model's own weights plus the step's
+    peak above them, linear in the batch (fitted at 1 and 2), so that whatever else the suite holds on the
+    GPU (BERT's rows) does not shrink it."""
     one, two = make(1), make(2)
     train_step(model, one, _loss)  # warm-up: cuBLAS workspaces, kernels
-    p1 = measure_peak(model, one, _loss).peak_bytes
-    p2 = measure_peak(model, two, _loss).peak_bytes
+    weights = parameter_bytes(model)
+    p1 = weights + measure_peak(model, one, _loss).step_peak_bytes
+    p2 = weights + measure_peak(model, two, _loss).step_peak_bytes
     per = max(1, p2 - p1)
     batch = max(1, min(64, 1 + int((PLAIN_LIMIT - p1) // per)))
-    log(f"  llama batch: plain step peak {format_bytes(p1)} at batch 1, {format_bytes(p2)} at 2 -> batch {batch}")
+    log(f"  llama batch: weights + plain step peak {format_bytes(p1)} at batch 1, {format_bytes(p2)} at 2 "
+        f"-> batch {batch} (predicted {format_bytes(p1 + (batch - 1) * per)}, limit {PLAIN_LIMIT / 1e9:.0f} GB)")
     return batch
 
 
@@ -207,6 +226,7 @@ class Suite:
         self.device = torch.device(args.device)
         self.rows: list[Row] = []
         self.workloads: dict[str, Workload] = {}
+        self.described: dict[str, tuple[str, int, int]] = {}  # name -> (desc, tokens, batch), kept after release
         self.t0 = time.perf_counter()
         self.env = {"torch": torch.__version__, "device": self._device_name(), "dtype": args.dtype,
                     "pairs": args.pairs, "quick": args.quick, "date": dt.datetime.now(dt.timezone.utc).isoformat()}
@@ -234,6 +254,7 @@ class Suite:
                 w = _llama(self.args.quick, self.device, self.args.llama_batch, self.args.llama_seq,
                            self.args.dtype, self.log)
             self.workloads[name] = w
+            self.described[name] = w.desc, w.tokens, w.batch
             self.log(f"{w.desc}: built in {time.perf_counter() - t:.1f} s, "
                      f"{sum(p.numel() for p in w.model.parameters()) / 1e6:.0f}M parameters")
         return self.workloads[name]
@@ -255,6 +276,18 @@ class Suite:
             self.log(f"  planner profile of {w.name}: {time.perf_counter() - t:.1f} s")
         return w.planner
 
+    def release(self, name: str) -> None:
+        """Drop a model and everything built on it after its eager rows, so the next model's absolute peaks
+        hold its own weights only; compile rows build it again (same seed, same batch)."""
+        w = self.workloads.pop(name, None)
+        if w is None:
+            return
+        setattr(self.args, f"{name}_batch", w.batch)
+        del w
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     # ---- rows ----------------------------------------------------------------------------------------------
     def build_row(self, w: Workload, row: str, out: Row) -> tuple[Any, Any, dict]:
         """(model to measure, its paired baseline, ratios to compute against other rows)"""
@@ -263,12 +296,7 @@ class Suite:
             return w.model, w.model, {}
         if row == "hf":
             m = copy.deepcopy(w.model)
-            if hasattr(m, "activation_checkpointing_enable"):
-                m.activation_checkpointing_enable()
-                out.note = "activation_checkpointing_enable()"
-            else:
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                out.note = "gradient_checkpointing_enable(use_reentrant=False)"
+            out.note = enable_hf_checkpointing(m)
             return m, w.model, {}
         if row == "perblock":
             _, profiles, problems = self.planner(w)
@@ -322,10 +350,10 @@ class Suite:
             torch._dynamo.reset()
             target = w.model
             if row == "perblock+compile":
-                if w.perblock is None:
-                    self.build_row(w, "perblock", Row(w.name, "perblock", ""))
+                if w.perblock is None:  # the perblock row did not run: the same rewrite, without profiling
+                    w.perblock = revify.revify(w.model, w.inputs, schedule="per-block", strict=True)
                 target = w.perblock
-            backend = "inductor" if self.device.type == "cuda" else "aot_eager"
+            backend = self.args.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
             budget = 0.5 if row == "compile-0.5" else 1.0
             compiled = torch.compile(target, backend=backend)
             t = time.perf_counter()
@@ -399,8 +427,8 @@ class Suite:
         out = [f"GPU suite — {self.env['device']}, torch {self.env['torch']}, transformers "
                f"{self.env.get('transformers', '-')}, {self.args.dtype} autocast, {self.args.pairs} pairs, "
                f"{self.env['date'][:16]}Z" + (" — QUICK (tiny shapes, CPU)" if self.args.quick else ""), ""]
-        for name, w in self.workloads.items():
-            out += [f"**{w.desc}** ({w.tokens} tokens/step)", "",
+        for name, (desc, tokens, _) in self.described.items():
+            out += [f"**{desc}** ({tokens} tokens/step)", "",
                     "| row | variant | peak | reserved | step peak | /plain | saved | /plain | step ms | x plain "
                     "[spread] | tokens/s | pred peak | pred err | vs | notes |",
                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -429,7 +457,7 @@ class Suite:
     def goals(self) -> list[str]:
         """The issue's goals, met or missed, from the rows measured."""
         lines = []
-        for name in self.workloads:
+        for name in self.described:
             get = {r.row: r for r in self.rows if r.model == name and r.status == "ok"}
             if "budget-hf" in get:
                 r = get["budget-hf"]
@@ -451,8 +479,8 @@ class Suite:
     def write(self) -> None:
         os.makedirs(self.args.out, exist_ok=True)
         stem = os.path.join(self.args.out, f"gpu-{dt.date.today().isoformat()}" + ("-quick" if self.args.quick else ""))
-        data = {"env": self.env, "workloads": {n: {"desc": w.desc, "tokens": w.tokens, "batch": w.batch}
-                                               for n, w in self.workloads.items()},
+        data = {"env": self.env, "workloads": {n: {"desc": d, "tokens": t, "batch": b}
+                                               for n, (d, t, b) in self.described.items()},
                 "rows": [r.__dict__ for r in self.rows], "elapsed_s": time.perf_counter() - self.t0}
         with open(stem + ".json", "w") as f:
             json.dump(data, f, indent=1, default=str)
@@ -477,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--only", nargs="+", choices=ROWS, help="rows to run (plain always runs: every ratio needs it)")
     ap.add_argument("--skip", nargs="+", choices=ROWS, default=[], help="rows not to run")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", help="default: cuda where there is one, else cpu; --quick: cpu unless given")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
     ap.add_argument("--pairs", type=int, default=5, help="paired steps (variant, plain) per row")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each before the pairs")
@@ -486,12 +514,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-seq", type=int)
     ap.add_argument("--llama-batch", type=int, help="default: the largest within 40 GB for plain training")
     ap.add_argument("--compile-saved", action="store_true", help="also count saved bytes on compile rows")
+    ap.add_argument("--compile-backend", choices=["inductor", "aot_eager"],
+                    help="default: inductor on CUDA, aot_eager on CPU (same partitioner and activation budget, "
+                         "no code generation: compiles in seconds, runs eager kernels)")
     ap.add_argument("--time-limit", type=float, default=0, help="seconds; rows after it are recorded as skipped")
     ap.add_argument("--out", default=os.environ.get("OUT") or "results")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU: the same code in seconds")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.device, args.pairs = "cpu", min(args.pairs, 2)
+    if args.quick:  # tiny shapes; with --device cuda a smoke run of the CUDA paths (compile uses inductor there)
+        args.device, args.pairs = args.device or "cpu", min(args.pairs, 2)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_suite: no CUDA device; use --quick (CPU) or --device cpu", file=sys.stderr)
         return 2
@@ -503,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:  # eager rows of every model first: a time-out still leaves their table
         for row in (r for r in EAGER_ROWS if r in rows):
             suite.run_row(name, row)
+        suite.release(name)
     for name in args.models:
         for row in (r for r in COMPILE_ROWS if r in rows):
             suite.run_row(name, row)

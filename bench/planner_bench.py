@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -54,6 +54,7 @@ from torch.utils.checkpoint import checkpoint_sequential
 
 import revify
 from revify.api import analyse_model
+from revify.device_step import DTYPES, paired_step_times, precision, with_precision
 from revify.measure import measure_saved_bytes, measure_training_memory
 from revify.passes.plan_budget import build_problem, checkpoint_plans, recompute_of, schedule_path
 from revify.passes.plan_checkpoint import plan_checkpoint
@@ -75,39 +76,24 @@ def build(name: str, args) -> tuple[nn.Module, object]:
         from transformers import BertConfig, BertForSequenceClassification
         cfg = BertConfig(hidden_size=args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden)
-        model = BertForSequenceClassification(cfg).train()
-        inputs = {"input_ids": torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len))}
+        model = BertForSequenceClassification(cfg).train().to(args.device)
+        inputs = {"input_ids": torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len)).to(args.device)}
         return model, inputs
-    model = MLPResNet(args.dim, args.blocks).train()
-    return model, (torch.randn(args.rows, args.dim),)
+    model = MLPResNet(args.dim, args.blocks).train().to(args.device)
+    return model, (torch.randn(args.rows, args.dim).to(args.device),)
 
 
-def _step(m, inputs) -> float:
-    for p in m.parameters():
-        p.grad = None
-    t0 = time.perf_counter()
-    default_loss_fn(call_model(m, inputs)).backward()
-    return time.perf_counter() - t0
+def _timed(m, plain, inputs, repeats: int) -> tuple[float, float, tuple[float, float]]:
+    """(fastest step time, median of paired ratios to plain eager, their (lowest, highest)) with no
+    measuring mode active.
 
-
-def _timed(m, plain, inputs, repeats: int) -> tuple[float, float]:
-    """(fastest step time, median of paired ratios to plain eager) with no measuring mode active.
-
-    Steps of ``m`` alternate with steps of the plain model and each is divided by its
-    neighbour: on shared cores the machine's speed drifts by 10-20% over minutes, which
-    a ratio of two separate timings would read as recompute (a dispatch mode would make
-    dynamo recompile, so none is active here).
+    Steps of ``m`` alternate with steps of the plain model (the order flipped every pair) and each
+    is divided by its neighbour: on shared cores the machine's speed drifts by 10-20% over minutes,
+    which a ratio of two separate timings would read as recompute (a dispatch mode would make
+    dynamo recompile, so none is active here). CUDA steps are timed with CUDA events.
     """
-    _step(m, inputs), _step(plain, inputs)  # warm-up
-    times, ratios = [], []
-    for _ in range(repeats):
-        t, base = _step(m, inputs), _step(plain, inputs)
-        times.append(t)
-        ratios.append(t / base)
-    for mod in (m, plain):
-        for p in mod.parameters():
-            p.grad = None
-    return min(times), statistics.median(ratios)
+    times = paired_step_times(m, plain, inputs, default_loss_fn, pairs=repeats)
+    return min(times.times_s), times.ratio, times.spread
 
 
 def _backward_flops(m, inputs) -> int:
@@ -130,29 +116,36 @@ def _backward_flops(m, inputs) -> int:
 def run_model(name: str, args) -> list[str]:
     model, inputs = build(name, args)
     loss = default_loss_fn
-    _, _, analysis = analyse_model(model, inputs, "checkpoint")
-    chains = list(analysis.chains)
-    t0 = time.perf_counter()
-    profiles = profile_chains(model, chains)
-    reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
-    step = profile_step(reference, chains, inputs, loss)
+    # profiled at the training precision (no weight-cast cache: see revify.device_step.precision)
+    planning = functools.partial(precision, args.device, args.dtype, cache_enabled=False)
+    with planning():
+        _, _, analysis = analyse_model(model, inputs, "checkpoint")
+        chains = list(analysis.chains)
+        t0 = time.perf_counter()
+        profiles = profile_chains(model, chains)
+        reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
+        step = profile_step(reference, chains, inputs, loss)
     # (budget kind, recompute cost) -> problem: the time model for both kinds of budget, and FLOPs
     # (compile's knapsack's own measure) for the activation budget compared with compile
     sweeps = [("peak", "time"), ("activations", "time"), ("activations", "flops")]
     problems = {sw: build_problem(profiles, step, budget_for=sw[0], recompute_cost=sw[1]) for sw in sweeps}
     plan_s = time.perf_counter() - t0
     rows = []
+    spreads = {}  # label -> (lowest, highest) paired ratio
+    plain_amp = with_precision(model, args.device, args.dtype)
 
     def measure(label, family, m, predicted=None):
+        m = with_precision(m, args.device, args.dtype)  # forward under autocast, backward outside
         flops = _backward_flops(m, inputs)
         if family == "compile":
             saved, _ = measure_saved_bytes(m, inputs, loss)  # hooks work inside compiled graphs
-            rows.append((label, family, saved, saved, None, *_timed(m, model, inputs, args.repeats), predicted,
-                         flops))
+            best, ratio, spreads[label] = _timed(m, plain_amp, inputs, args.repeats)
+            rows.append((label, family, saved, saved, None, best, ratio, predicted, flops))
         else:
             mem = measure_training_memory(m, inputs, loss)  # timed below, as compile is
-            rows.append((label, family, mem.retained_bytes, mem.saved_bytes, mem.peak_bytes,
-                         *_timed(m, model, inputs, args.repeats), predicted, flops))
+            best, ratio, spreads[label] = _timed(m, plain_amp, inputs, args.repeats)
+            rows.append((label, family, mem.retained_bytes, mem.saved_bytes, mem.peak_bytes, best, ratio,
+                         predicted, flops))
         print(f"  measured {label}", flush=True)
 
     measure("plain (no recompute)", "eager", model)
@@ -171,7 +164,7 @@ def run_model(name: str, args) -> list[str]:
             with functorch_config.patch(activation_memory_budget=fraction):
                 compiled = torch.compile(copy.deepcopy(model), backend="aot_eager")
                 t1 = time.perf_counter()
-                default_loss_fn(call_model(compiled, inputs)).backward()
+                default_loss_fn(call_model(with_precision(compiled, args.device, args.dtype), inputs)).backward()
                 print(f"  compiled at budget {fraction} in {time.perf_counter() - t1:.0f} s", flush=True)
                 measure(f"torch.compile budget {fraction:g}", "compile", compiled)
     plain_peak, plain_kept = rows[0][4], rows[0][2]
@@ -201,15 +194,16 @@ def run_model(name: str, args) -> list[str]:
     # the sweep's, but the least FLOPs under the budget must not
     ours = _sweep_rows(rows, "activations", "flops")
     mid = ours[len(ours) // 2]
-    public = revify.revify(model, inputs, memory_budget=mid[7][3], budget_for="activations",
-                           recompute_cost="flops")
+    with planning():
+        public = revify.revify(model, inputs, memory_budget=mid[7][3], budget_for="activations",
+                               recompute_cost="flops")
     b = public.revify_plan.budget
     same = "the same" if b.predicted_recompute_flops == mid[7][2] else "NOT the same"
     print(f"  revify() public call at the budget of '{mid[0]}': least {b.recompute_cost}, predicted "
           f"{b.predicted_recompute_flops / 1e9:.2f} GFLOP, the sweep's plan {mid[7][2] / 1e9:.2f} — {same}; "
           f"segments {[s.describe() for cp in public.revify_plan.chains for s in cp.segments]}, stems "
           f"{[cp.stem for cp in public.revify_plan.chains]}")
-    return _table(name, args, rows, plan_s, smallest_of)
+    return _table(name, args, rows, plan_s, smallest_of, spreads)
 
 
 def _prefix(kind: str, unit: str) -> str:
@@ -242,16 +236,19 @@ def _sequential(model: nn.Module, name: str, args) -> nn.Module:
     return model
 
 
-def _table(name: str, args, rows, plan_s: float, smallest: dict[tuple[str, str], int]) -> list[str]:
+def _table(name: str, args, rows, plan_s: float, smallest: dict[tuple[str, str], int],
+           spreads: dict[str, tuple[float, float]]) -> list[str]:
     plain = next(r for r in rows if r[1] == "eager")
     base_compile = next((r for r in rows if r[1] == "compile"), None)
     desc = (f"BERT shape: {args.layers} layers, hidden {args.hidden}, batch {args.batch_size}, seq {args.seq_len}"
             if name == "bert" else f"MLP-ResNet: {args.blocks} blocks, dim {args.dim}, batch {args.rows}")
-    out = [f"{desc}, fp32, {torch.get_num_threads()} CPU threads — measured, except columns marked pred",
+    where = (torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda")
+             else f"{torch.get_num_threads()} CPU threads")
+    out = [f"{desc}, {args.dtype}, {where} — measured, except columns marked pred",
            f"planner: profiled in {plan_s:.1f} s; smallest feasible budgets (predicted): peak "
            f"{format_bytes(smallest['peak', 'time'])}, activations {format_bytes(smallest['activations', 'time'])}",
            f"{'variant':54} {'kept':>10} {'/plain':>6} {'saved':>10} {'peak':>10} {'/plain':>6} {'pred':>10} "
-           f"{'step':>8} {'xbase':>6} {'xeager':>6} {'pred recompute':>14} {'pred GF':>8} {'re-GFLOP':>8}"]
+           f"{'step':>8} {'xbase':>6} {'xeager [spread]':>17} {'pred recompute':>14} {'pred GF':>8} {'re-GFLOP':>8}"]
     for label, family, kept, saved, peak, step_s, ratio, predicted, flops in rows:
         xbase = ratio if family == "eager" else ratio / base_compile[6]
         base_flops = plain[8] if family == "eager" else base_compile[8]
@@ -260,14 +257,16 @@ def _table(name: str, args, rows, plan_s: float, smallest: dict[tuple[str, str],
         pred_flops = f"{predicted[2] / 1e9:8.2f}" if predicted else f"{'-':>8}"
         peak_s = format_bytes(peak) if peak is not None else "n/a"
         peak_r = f"{peak / plain[4]:6.3f}" if peak is not None else f"{'':6}"
+        lo, hi = spreads.get(label, (ratio, ratio))
         out.append(f"{label:54} {format_bytes(kept):>10} {kept / plain[2]:6.3f} {format_bytes(saved):>10} "
-                   f"{peak_s:>10} {peak_r} {pred:>10} {step_s * 1e3:6.0f}ms {xbase:6.2f} {ratio:6.2f} {pred_cost:>14} "
+                   f"{peak_s:>10} {peak_r} {pred:>10} {step_s * 1e3:6.0f}ms {xbase:6.2f} {ratio:6.2f} [{lo:.2f}-{hi:.2f}] {pred_cost:>14} "
                    f"{pred_flops} {(flops - base_flops) / 1e9:8.2f}")
     out.append("kept: bytes alive when backward starts (eager; compile: saved-tensor bytes); pred: the planner's "
                "predicted peak (peak budgets, fixed schedules) or kept bytes (activation budgets); xbase: step "
                "time over plain eager (eager rows) or over torch.compile at budget 1 (compile rows), the median "
                "of ratios to plain eager steps run alternately with the variant's; xeager: that median ratio to plain "
-               "eager itself, for every row (compile's baseline is not eager's); step: the fastest step; "
+               "eager itself, for every row (compile's baseline is not eager's), with the lowest and highest "
+               "per-pair ratio; step: the fastest step; "
                "pred recompute, pred GF: the planner's predicted recompute seconds and GFLOP (revify's rows "
                "minimise the first, least-FLOPs rows the second); re-GFLOP: FLOPs recomputed in backward, measured "
                "(FlopCounterMode, over plain eager or compile at budget 1)")
@@ -390,7 +389,12 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per variant, each paired with a plain eager step")
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="fp32, or bf16/fp16 autocast over fp32 weights (default fp32)")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("planner_bench: --device cuda, but no CUDA device is available")
     if args.quick:
         args.layers, args.hidden, args.seq_len, args.blocks, args.dim, args.rows = 2, 128, 32, 8, 64, 32
         args.repeats, args.points, args.compile_budgets = 1, 3, [1.0, 0.3, 0.0]

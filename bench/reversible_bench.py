@@ -11,14 +11,17 @@ layers. Variants:
   costs without reversibility;
 * revify meft1 / meft2 / meft3: reversible, backbone frozen.
 
-Every figure is measured by ``revify.measure.measure_step``: bytes saved for
-backward (saved_tensors_hooks, deduplicated by storage, parameters and
-buffers excluded), peak live tensor bytes during forward+backward, median
-step time. The reconstruction error is the largest error measured at
-conversion over every reversible step (the plan's), with its anchors.
+Every figure is measured (``revify.device_step``): bytes saved for backward
+(saved_tensors_hooks, deduplicated by storage, parameters and buffers
+excluded), the step's peak (CPU: live tensor bytes; CUDA:
+``max_memory_allocated`` above the step's start), and the step time paired with
+full fine-tuning (steps alternating, the median of per-pair ratios with its
+spread). The reconstruction error is the largest error measured at conversion
+over every reversible step (the plan's), with its anchors.
 
     python bench/reversible_bench.py                       # 12 and 24 layers
     python bench/reversible_bench.py --layers 4 --hidden 256   # quick look
+    python bench/reversible_bench.py --device cuda --dtype bf16 --layers 24 --hidden 1024 --batch-size 32
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import revify
-from revify.measure import measure_step
+from gpu_suite import enable_hf_checkpointing  # bench/ is the script's folder
+from revify.device_step import DTYPES, measure_step_memory, paired_step_times, precision, with_precision
 from revify.report import default_loss_fn, format_bytes
 
 COUPLINGS = ("meft1", "meft2", "meft3")
@@ -61,16 +65,22 @@ class _Stored(torch.nn.Module):
 
 
 def run_depth(layers: int, args) -> list[str]:
-    base = build(layers, args.hidden, args.seq_len)
+    device = torch.device(args.device)
+    base = build(layers, args.hidden, args.seq_len).to(device)
     torch.manual_seed(1)
-    inputs = {"input_ids": torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len))}
+    inputs = {"input_ids": torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len)).to(device)}
     hf = copy.deepcopy(base)
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_hf_checkpointing(hf)
+    # converted, profiled and calibrated at the training precision (no weight-cast cache: see
+    # revify.device_step.precision)
+    with precision(device, args.dtype, cache_enabled=False):
+        planner = revify.revify(copy.deepcopy(base), inputs, strategy="checkpoint")
     variants = [("full fine-tuning", base, None), ("HF gradient checkpointing", hf, None),
-                ("revify checkpoint (planner)", revify.revify(copy.deepcopy(base), inputs, strategy="checkpoint"), None)]
+                ("revify checkpoint (planner)", planner, None)]
     for coupling in COUPLINGS:
         t0 = time.perf_counter()
-        rmodel = revify.revify(copy.deepcopy(base), inputs, strategy="reversible", coupling=coupling)
+        with precision(device, args.dtype, cache_enabled=False):
+            rmodel = revify.revify(copy.deepcopy(base), inputs, strategy="reversible", coupling=coupling)
         convert_s = time.perf_counter() - t0
         if not rmodel.revify_plan.reversible:
             print(f"  {coupling}: not converted\n{rmodel.revify_plan.summary()}")
@@ -79,32 +89,44 @@ def run_depth(layers: int, args) -> list[str]:
             variants.append(("adapters, stored activations", _Stored(rmodel), rmodel.revify_plan))
         variants.append((f"revify {coupling}", rmodel, (rmodel.revify_plan, convert_s)))
     rows = []
+    full_amp = with_precision(base, device, args.dtype)
     for name, model, info in variants:
-        m = measure_step(model, inputs, default_loss_fn, repeats=args.repeats)
+        amp = with_precision(model, device, args.dtype)  # forward under autocast, backward outside
+        mem = measure_step_memory(amp, inputs, default_loss_fn, device)
+        # every variant paired with full fine-tuning; /stored divides two such median ratios
+        times = paired_step_times(amp, full_amp, inputs, default_loss_fn, pairs=args.pairs, device=device,
+                                  clock=args.clock)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rows.append((name, m, info, trainable))
+        rows.append((name, mem, times, info, trainable))
         print(f"  measured {name}", flush=True)
     full = rows[0][1]
-    stored = next(m for n, m, _, _ in rows if n.startswith("adapters"))
-    out = [f"BERT shape: {layers} layers, hidden {args.hidden}, batch {args.batch_size}, seq {args.seq_len}, fp32, "
-           f"{torch.get_num_threads()} CPU threads — all figures measured",
-           f"{'variant':30} {'trainable':>10} {'saved':>10} {'/full':>6} {'peak':>10} {'/full':>6} "
-           f"{'step':>8} {'/stored':>7}  reversible details"]
-    for name, m, info, trainable in rows:
+    stored = next(t for n, _, t, _, _ in rows if n.startswith("adapters"))
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} CPU threads")
+    peak_name = "peak" if device.type != "cuda" else "step peak"
+    out = [f"BERT shape: {layers} layers, hidden {args.hidden}, batch {args.batch_size}, seq {args.seq_len}, "
+           f"{args.dtype}, {where} — all figures measured",
+           f"{'variant':30} {'trainable':>10} {'saved':>10} {'/full':>6} {peak_name:>10} {'/full':>6} "
+           f"{'step':>8} {'x full [spread]':>17} {'/stored':>7}  reversible details"]
+    for name, m, t, info, trainable in rows:
         detail = ""
         if isinstance(info, tuple):
             plan, convert_s = info
             rp = plan.reversible[0]
             detail = (f"anchors {list(rp.anchors) or '-'}, max recon err {max(rp.step_errors):.1e}, "
                       f"start err {rp.start_error:.3f} (bound {rp.start_bound:.2f}), convert {convert_s:.0f}s")
+        lo, hi = t.spread
         out.append(f"{name:30} {trainable / 1e6:9.2f}M {format_bytes(m.saved_bytes):>10} "
-                   f"{m.saved_bytes / full.saved_bytes:6.3f} {format_bytes(m.peak_bytes):>10} "
-                   f"{m.peak_bytes / full.peak_bytes:6.3f} {m.step_time_s * 1e3:6.0f}ms "
-                   f"{m.step_time_s / stored.step_time_s:7.2f}  {detail}")
+                   f"{m.saved_bytes / full.saved_bytes:6.3f} {format_bytes(m.peak.step_peak_bytes):>10} "
+                   f"{m.peak.step_peak_bytes / full.peak.step_peak_bytes:6.3f} {t.median_s * 1e3:6.0f}ms "
+                   f"{t.ratio:6.2f} [{lo:.2f}-{hi:.2f}] {t.ratio / stored.ratio:7.2f}  {detail}")
+    out.append(f"step: median of {args.pairs} steps; x full: median of the ratios of each step to the full "
+               "fine-tuning step run beside it (order alternating), [lowest-highest]; /stored: that over "
+               "the stored-activation adapters' own median ratio")
     goal = GOALS.get(layers)
-    for name, m, info, _ in rows:
+    for name, m, t, info, _ in rows:
         if isinstance(info, tuple) and goal is not None:
-            frac, slow = m.saved_bytes / full.saved_bytes, m.step_time_s / stored.step_time_s
+            frac, slow = m.saved_bytes / full.saved_bytes, t.ratio / stored.ratio
             met = frac <= goal and slow <= 1.5
             out.append(f"{name}: saved {frac:.1%} of full fine-tuning (goal <= {goal:.0%}), step "
                        f"{slow:.2f}x adapters with stored activations (goal <= 1.5x): {'MET' if met else 'NOT MET'}")
@@ -117,8 +139,15 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=5, help="timed steps per variant, each paired with full fine-tuning")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="CPU steps: wall clock, or the process's CPU time (steadier on shared cores)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="fp32, or bf16/fp16 autocast over fp32 weights (default fp32)")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("reversible_bench: --device cuda, but no CUDA device is available")
     tables = []
     for layers in args.layers:
         tables.append(run_depth(layers, args))

@@ -283,11 +283,17 @@ def _cmd_report(args) -> int:
         with stage("analyse, convert, calibrate"):
             # reversible conversion freezes the shared backbone; "before" is the original, training everything
             before = copy.deepcopy(src.model)
-            rmodel = _convert(src.model, inputs, kw, args.seed)
+            from revify.device_step import precision
+            # planned and calibrated at the precision it is measured at (no weight-cast cache: the
+            # planner runs many forwards in one region, see revify.device_step.precision)
+            with precision(args.device, args.dtype, cache_enabled=False):
+                rmodel = _convert(src.model, inputs, kw, args.seed)
         with stage("measure"):
             extra = {}
             if "formulas" in pyinspect.signature(revify.report).parameters:
                 extra["formulas"] = args.formulas  # fitting them measures several more sizes: slow
+            if args.dtype != "fp32":
+                extra["dtype"] = args.dtype
             report = revify.report(before, rmodel, inputs, repeats=args.repeats, **extra)
     print(report.to_json() if args.json else report)
     if args.plot is not None:
@@ -380,6 +386,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", metavar="PNG", help="also draw the memory report to this image file")
     r.add_argument("--force", action="store_true", help="overwrite the --plot file if it exists")
     r.add_argument("--repeats", type=int, default=3, help="timed steps per model (median, default 3)")
+    r.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="bf16/fp16: each forward under torch.autocast on --device (default fp32)")
     r.add_argument("--formulas", action="store_true",
                    help="also fit memory as a formula of batch size and sequence length (measures more sizes)")
     _add_conversion(r)

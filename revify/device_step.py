@@ -44,7 +44,8 @@ import torch
 from revify.measure import measure_training_memory, run_model
 
 __all__ = ["DTYPES", "precision", "to_device", "train_step", "PeakMemory", "measure_peak", "PairedTimes",
-           "paired_step_times", "device_of", "Autocast", "with_precision"]
+           "paired_step_times", "device_of", "Autocast", "with_precision", "autocast_forward",
+           "StepMemory", "measure_step_memory"]
 
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``--dtype`` values: the autocast dtype (None: no autocast, fp32)."""
@@ -78,6 +79,35 @@ def precision(device: str | torch.device, dtype: str, cache_enabled: bool = True
         return
     with torch.autocast(device_type=torch.device(device).type, dtype=amp, cache_enabled=cache_enabled):
         yield
+
+
+@contextlib.contextmanager
+def autocast_forward(model: torch.nn.Module, device: str | torch.device, dtype: str) -> Iterator[torch.nn.Module]:
+    """While active, each call of ``model`` runs its forward under autocast and leaves it before the
+    loss and backward. Hooks on the module itself, not a wrapper: submodule paths and attributes
+    (``revify_plan``) stay as they are. Nothing is installed for fp32."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if DTYPES[dtype] is None:
+        yield model
+        return
+    active: list[Any] = []
+
+    def enter(module: Any, args: Any) -> None:
+        ctx = torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+        ctx.__enter__()
+        active.append(ctx)
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class Autocast(torch.nn.Module):
@@ -163,6 +193,29 @@ def measure_peak(model: Any, inputs: Any, loss_fn: LossFn, device: str | torch.d
 
 
 @dataclass(frozen=True)
+class StepMemory:
+    """Bytes saved for backward (saved-tensor hooks) beside the step's peak (see :class:`PeakMemory`)."""
+
+    saved_bytes: int
+    peak: PeakMemory
+
+
+def measure_step_memory(model: Any, inputs: Any, loss_fn: LossFn, device: str | torch.device | None = None,
+                        warmup: int = 1) -> StepMemory:
+    """Saved bytes and the peak of one step, after ``warmup`` steps. On CPU one observed step gives both;
+    on CUDA the peak comes from a step without hooks (they would add their own bookkeeping)."""
+    device = torch.device(device) if device is not None else device_of(model)
+    for _ in range(max(0, warmup)):
+        train_step(model, inputs, loss_fn)
+    if device.type != "cuda":
+        prof = measure_training_memory(model, inputs, loss_fn)
+        return StepMemory(prof.saved_bytes, PeakMemory(prof.peak_bytes, None, None, None, "live tensors"))
+    from revify.measure import measure_saved_bytes
+    saved = measure_saved_bytes(model, inputs, loss_fn)[0]
+    return StepMemory(saved, measure_peak(model, inputs, loss_fn, device))
+
+
+@dataclass(frozen=True)
 class PairedTimes:
     """Step times of a variant and of the baseline steps run alternately with it."""
 
@@ -192,7 +245,7 @@ class PairedTimes:
         return f"{self.ratio:.2f}x [{lo:.2f}-{hi:.2f}] over {len(self.times_s)} pairs"
 
 
-def _timed(model: Any, inputs: Any, loss_fn: LossFn, device: torch.device) -> float:
+def _timed(model: Any, inputs: Any, loss_fn: LossFn, device: torch.device, clock: str = "wall") -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
@@ -201,19 +254,26 @@ def _timed(model: Any, inputs: Any, loss_fn: LossFn, device: torch.device) -> fl
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    t0 = now()
     train_step(model, inputs, loss_fn)
-    return time.perf_counter() - t0
+    return now() - t0
 
 
 def paired_step_times(model: Any, base: Any, inputs: Any, loss_fn: LossFn, *, pairs: int = 5, warmup: int = 1,
-                      device: str | torch.device | None = None, base_inputs: Any = None) -> PairedTimes:
+                      device: str | torch.device | None = None, base_inputs: Any = None,
+                      clock: str = "wall") -> PairedTimes:
     """Time ``pairs`` steps of ``model``, each next to a step of ``base``, after ``warmup`` steps of each.
 
     Pair ``k`` runs the variant first when ``k`` is even and the baseline first when odd, so neither
     always follows the other (a step after a slower one can find caches cold or the clock lower).
-    ``base_inputs`` (default ``inputs``) lets the baseline take its own inputs.
+    ``base_inputs`` (default ``inputs``) lets the baseline take its own inputs. On CPU,
+    ``clock="cpu"`` times with the process's CPU time (``time.process_time``) instead of the wall
+    clock: on cores shared with other processes, time spent waiting for a core is not the step's
+    (CUDA steps are always timed with CUDA events).
     """
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     device = torch.device(device) if device is not None else device_of(model)
     base_inputs = inputs if base_inputs is None else base_inputs
     for _ in range(max(0, warmup)):
@@ -222,11 +282,11 @@ def paired_step_times(model: Any, base: Any, inputs: Any, loss_fn: LossFn, *, pa
     times, base_times = [], []
     for k in range(max(1, pairs)):
         if k % 2 == 0:
-            times.append(_timed(model, inputs, loss_fn, device))
-            base_times.append(_timed(base, base_inputs, loss_fn, device))
+            times.append(_timed(model, inputs, loss_fn, device, clock))
+            base_times.append(_timed(base, base_inputs, loss_fn, device, clock))
         else:
-            base_times.append(_timed(base, base_inputs, loss_fn, device))
-            times.append(_timed(model, inputs, loss_fn, device))
+            base_times.append(_timed(base, base_inputs, loss_fn, device, clock))
+            times.append(_timed(model, inputs, loss_fn, device, clock))
     _zero_grads(model)
     _zero_grads(base)
     return PairedTimes(tuple(times), tuple(base_times))

@@ -486,20 +486,34 @@ def report(
     repeats: int = 3,
     device: str | None = None,
     formulas: bool | None = None,
+    dtype: str = "fp32",
 ) -> MemoryReport:
     """Measure ``model`` (before) and ``rmodel`` (after) on ``example_inputs``.
 
+    The step runs on the models' own device (move models and inputs first).
+    ``dtype="bf16"`` or ``"fp16"`` runs each forward under ``torch.autocast``
+    on that device (weights as they are; loss and backward outside autocast,
+    as PyTorch's AMP recipe has it); ``"fp32"`` (default) uses no autocast.
     ``device="meta"`` estimates instead, on fake tensors (nothing allocated,
     nothing timed): for models built on the meta device or too big to run.
     ``formulas``: None fits the B/S formulas on first use (``formula()``,
     ``max_batch()``, ``to_json()``), True now, False never.
     """
     fn = loss_fn if loss_fn is not None else default_loss_fn
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"dtype must be 'fp32', 'bf16' or 'fp16', got {dtype!r}")
     if device is not None:
         if device != "meta":
             raise ValueError(f"device must be None (measure) or 'meta' (estimate on fake tensors), got {device!r}")
+        if dtype != "fp32":
+            raise ValueError("dtype applies to measured reports; device='meta' estimates fp32 only")
         from revify.estimate import estimate_report
         return estimate_report(model, rmodel, example_inputs, fn, formulas=formulas)
+    if dtype != "fp32":
+        from revify.device_step import autocast_forward
+        on = _device_of(model)
+        with autocast_forward(model, on, dtype), autocast_forward(rmodel, on, dtype):
+            return report(model, rmodel, example_inputs, fn, repeats=repeats, formulas=formulas)
     chains = _chains(rmodel)
     paths = [p for c in chains for p in c.paths]
     before = measure_step(model, example_inputs, fn, repeats=repeats, block_paths=paths)
