@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from revify.measure import CATEGORIES, ExampleInputs, StepMeasurement, measure_block_times, measure_step
+from revify.step_timing import PAIRS, PairedTiming, paired_step_times
 from revify.units import format_bytes, format_flops
 
 __all__ = ["MemoryReport", "ChainReport", "BlockMemory", "report", "format_bytes", "default_loss_fn"]
@@ -108,6 +109,7 @@ class MemoryReport:
     pareto: list[tuple[int, int, float]] = field(default_factory=list)  # planner: (budget, peak, recompute)
     chosen: tuple[int, float] | None = None  # planner: (predicted peak, recompute) of the plan applied
     pareto_unit: str = "time"  # the recompute of ``pareto`` and ``chosen``: "time" (seconds) or "flops"
+    timing: PairedTiming | None = None  # the paired step timing behind step_time_s and the time ratio
     _formulas: dict[str, Any] | None = field(default=None, repr=False)
     _predict: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
     _labels: list[Any] = field(default_factory=list, repr=False)
@@ -118,7 +120,8 @@ class MemoryReport:
         return {
             "saved": _ratio(self.after.saved_bytes, self.before.saved_bytes),
             "peak": _ratio(self.after.peak_bytes, self.before.peak_bytes),
-            "time": _ratio(self.after.step_time_s, self.before.step_time_s),
+            "time": self.timing.ratio if self.timing is not None
+            else _ratio(self.after.step_time_s, self.before.step_time_s),
         }
 
     @property
@@ -184,6 +187,7 @@ class MemoryReport:
             "blocks": [asdict(b) for b in self.blocks],
             "pareto": [list(p) for p in self.pareto], "pareto_unit": self.pareto_unit,
             "chosen": list(self.chosen) if self.chosen else None,
+            "timing": asdict(self.timing) if self.timing is not None else None,
         }
         if self._formulas is not None or self._predict is not None:
             out["formulas"] = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in self.formulas.items()}
@@ -220,6 +224,8 @@ class MemoryReport:
         for row in rows:
             lines.append(f"  {row[0]:<{w0}}  {row[1]:>{wc[0]}}  {row[2]:>{wc[1]}}  {row[3]:>{wc[2]}}")
         lines.append(f"  (saved tensors: {b.saved_tensors} -> {a.saved_tensors})")
+        if self.timing is not None:
+            lines.append(f"  ({self.timing.describe()})")
         lines += self._chain_lines()
         if self._formulas is not None:
             lines.append("memory formulas:")
@@ -250,11 +256,13 @@ class MemoryReport:
                 predicted.append(f"planner {format_bytes(c.planned_saved_bytes)}")
             lines.append(saved + (f" (predicted: {', '.join(predicted)})" if predicted else ""))
             if c.recompute_s is not None and c.recompute_fraction is not None:
-                planned = (f"; planner predicted {c.planned_recompute_fraction:.0%} of the chain's forward"
+                planned = (f"; planner predicted {c.planned_recompute_fraction:.0%}"
                            if c.planned_recompute_fraction is not None else "")
                 bound = "at most " if c.recompute_partial else ""
-                lines.append(f"  recompute: {bound}{_format_time(c.recompute_s)} measured forward of the recomputed "
-                             f"blocks = {bound}{c.recompute_fraction:.0%} of a model forward{planned}")
+                total = f" of {self.forward_s * 1e3:.1f} ms" if self.forward_s else ""
+                lines.append(f"  recompute: {bound}{c.recompute_fraction:.0%} of one model forward "
+                             f"({bound}{c.recompute_s * 1e3:.1f} ms{total}, measured forward of the recomputed "
+                             f"blocks){planned}")
             if c.reconstruction_error is not None or c.start_error is not None:
                 parts = []
                 if c.reconstruction_error is not None:
@@ -483,13 +491,15 @@ def report(
     example_inputs: ExampleInputs,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     *,
-    repeats: int = 3,
+    repeats: int = PAIRS,
     device: str | None = None,
     formulas: bool | None = None,
 ) -> MemoryReport:
     """Measure ``model`` (before) and ``rmodel`` (after) on ``example_inputs``.
 
-    ``device="meta"`` estimates instead, on fake tensors (nothing allocated,
+    Step times: both models warmed up, then ``repeats`` alternating pairs of
+    steps (``revify.step_timing``); the ratio is the median of the pairs'
+    ratios, printed with its spread. ``device="meta"`` estimates instead, on fake tensors (nothing allocated,
     nothing timed): for models built on the meta device or too big to run.
     ``formulas``: None fits the B/S formulas on first use (``formula()``,
     ``max_batch()``, ``to_json()``), True now, False never.
@@ -502,12 +512,17 @@ def report(
         return estimate_report(model, rmodel, example_inputs, fn, formulas=formulas)
     chains = _chains(rmodel)
     paths = [p for c in chains for p in c.paths]
-    before = measure_step(model, example_inputs, fn, repeats=repeats, block_paths=paths)
-    after = measure_step(rmodel, example_inputs, fn, repeats=repeats, block_paths=paths)
+    # memory of each (its step doubles as a first warm-up), then both timed in alternating pairs
+    before = measure_step(model, example_inputs, fn, repeats=1, warmup=0, block_paths=paths)
+    after = measure_step(rmodel, example_inputs, fn, repeats=1, warmup=0, block_paths=paths)
+    timing = paired_step_times(model, rmodel, example_inputs, fn, pairs=repeats)
+    before, after = replace(before, step_time_s=timing.before_s), replace(after, step_time_s=timing.after_s)
     forward = measure_block_times(model, example_inputs, paths, repeats=repeats) if chains else None
     notes: list[str] = []
     if before.saved_bytes and after.saved_bytes > before.saved_bytes:
         notes.append("revified model saves MORE for backward than the original")
     predict = None if formulas is False else formula_predictor(model, rmodel, example_inputs, fn, paths)
-    return build_report(before, after, rmodel, device=_device_of(model), estimated=False, notes=notes,
-                        predict=predict, eager_formulas=bool(formulas), forward=forward)
+    rep = build_report(before, after, rmodel, device=_device_of(model), estimated=False, notes=notes,
+                       predict=predict, eager_formulas=bool(formulas), forward=forward)
+    rep.timing = timing
+    return rep
