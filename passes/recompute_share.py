@@ -6,7 +6,8 @@ overhead of running them under a checkpoint. A user asks a different
 question: how much of a model forward does training run again? This pass
 answers it in one unit that the plan, the report and the command line share:
 milliseconds and percent of one forward of the whole model, measured in
-training mode with gradients on (``revify.measure.measure_block_times``).
+training mode with gradients on (``revify.measure.measure_block_times``,
+the fastest of a few forwards).
 
 The share of a chain is the fraction of its blocks' (and stem's) profiled
 forward that the plan replays, times the fraction of the model forward those
@@ -37,7 +38,7 @@ from .profile_blocks import ChainProfile
 
 @dataclass(frozen=True)
 class ModelForward:
-    """Median forward time of the whole model and of each chain block and stem, measured in one run."""
+    """Fastest forward of the whole model, and of each chain block and stem, measured in one run."""
 
     total_s: float
     per_module: dict[str, float]
@@ -51,13 +52,20 @@ class RecomputeShare:
 
 
 def measure_model_forward(model: nn.Module, example_inputs: Any, profiles: Sequence[ChainProfile],
-                          repeats: int = 5) -> ModelForward:
-    """One warm-up forward, then the median of ``repeats``: the first forward of a model runs cold."""
+                          seconds: float = 0.5, most: int = 20) -> ModelForward:
+    """One warm-up forward (the first runs cold), then the fastest of as many as fit in about ``seconds``
+    (at least 3, at most ``most``): on a busy machine a forward preempted by another process runs
+    milliseconds longer, which the fastest of many does not show, and a model of milliseconds needs many."""
+    import time
+
     from revify.measure import measure_block_times
 
     paths = [b.path for p in profiles for b in p.chain.blocks] + [p.stem.path for p in profiles if p.stem]
+    t0 = time.perf_counter()
     measure_block_times(model, example_inputs, paths, repeats=1)  # warm-up
-    total, per_module = measure_block_times(model, example_inputs, paths, repeats=repeats)
+    once = time.perf_counter() - t0
+    repeats = max(3, min(most, int(seconds / max(once, 1e-6))))
+    total, per_module = measure_block_times(model, example_inputs, paths, repeats=repeats, reduce=min)
     return ModelForward(total, per_module)
 
 

@@ -68,14 +68,14 @@ class Plan:
                     f"the module runs as the original"]
         if self.errors:
             return []
-        blocks = sum(len(cp.chain.blocks) for cp in self.chains if cp.segments)
-        blocks += sum(len(rp.chain.blocks) for rp in self.reversible)
         kinds = []
-        if any(cp.segments for cp in self.chains):
-            kinds.append("checkpointed")
+        checkpointed = sum(len(cp.chain.blocks) - len(cp.kept_blocks) for cp in self.chains)
+        if checkpointed:
+            kinds.append(f"{checkpointed} block(s) checkpointed")
         if self.reversible:
-            kinds.append("reversible")
-        lines = [f"  converted: {blocks} block(s) in {n_chains} chain(s), {' and '.join(kinds)}"]
+            kinds.append(f"{sum(len(rp.chain.blocks) for rp in self.reversible)} block(s) made reversible")
+        total = sum(len(e.chain.blocks) for e in [*self.chains, *self.reversible])
+        lines = [f"  converted: {' and '.join(kinds)}, of {total} in {n_chains} chain(s)"]
         b = self.budget
         if b is not None:
             kind = "step peak" if b.budget_for == "peak" else "activations kept for backward"
