@@ -25,6 +25,15 @@ from revify.measure import measure_step
 from revify.report import default_loss_fn, format_bytes
 
 
+def hf_checkpointing_enable(model) -> None:
+    """Transformers' own checkpointing, by the name transformers 5 gives it (the old name warns)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def build(layers: int, hidden: int, seq: int):
     torch.manual_seed(0)
     cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
@@ -61,10 +70,10 @@ def main() -> None:
     inputs = {"input_ids": torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len))}
 
     hf = copy.deepcopy(base)
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf_checkpointing_enable(hf)
     variants = [
         ("plain training", base),
-        ("HF gradient_checkpointing_enable", hf),
+        ("HF activation_checkpointing_enable", hf),
         ("checkpoint_sequential sqrt(n)", with_checkpoint_sequential(copy.deepcopy(base))),
         # the default planner minimises the peak, then recompute: where parameter gradients set
         # the peak it keeps activations that cost no peak, so it is shown beside per-block

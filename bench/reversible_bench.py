@@ -37,6 +37,15 @@ COUPLINGS = ("meft1", "meft2", "meft3")
 GOALS = {12: 0.10, 24: 0.06}  # reversible saved bytes as a fraction of full fine-tuning (issue 3)
 
 
+def hf_checkpointing_enable(model) -> None:
+    """Transformers' own checkpointing, by the name transformers 5 gives it (the old name warns)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def build(layers: int, hidden: int, seq: int) -> BertForSequenceClassification:
     torch.manual_seed(0)
     cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
@@ -65,7 +74,7 @@ def run_depth(layers: int, args) -> list[str]:
     torch.manual_seed(1)
     inputs = {"input_ids": torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len))}
     hf = copy.deepcopy(base)
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf_checkpointing_enable(hf)
     variants = [("full fine-tuning", base, None), ("HF gradient checkpointing", hf, None),
                 ("revify checkpoint (planner)", revify.revify(copy.deepcopy(base), inputs, strategy="checkpoint"), None)]
     for coupling in COUPLINGS:

@@ -422,8 +422,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
     d.add_argument("--batch-size", type=int, default=4, help="batch of the random inputs (default 4)")
     d.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
-    d.add_argument("--repeats", type=int, default=PAIRS,
-                   help=f"timed pairs of steps, alternating the two models after a warm-up (default {PAIRS})")
+    d.add_argument("--repeats", type=int, default=5,
+                   help="timed pairs of steps, alternating the two models after a warm-up (default 5)")
     d.add_argument("--verbose", action="store_true", help="also show capture details (default off)")
     return p
 
