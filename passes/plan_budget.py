@@ -34,6 +34,7 @@ An infeasible budget raises ``BudgetError`` naming the smallest feasible one.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -53,6 +54,9 @@ from .profile_step import StepProfile, profile_step
 from .recompute_share import ModelForward, measure_model_forward, recompute_share, segment_overhead_s
 from .rewrite_checkpoint import rewrite_checkpoint
 from .solve_schedule import Option, Problem, Solution, min_budget, pareto, solve_within
+
+
+log = logging.getLogger("revify.planner")  # progress of the slow steps; the CLI's demo shows it
 
 
 class BudgetError(ValueError):
@@ -274,7 +278,10 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
                 recompute_cost: str = "time") -> BudgetPlan:
     """Plan every chain for ``budget`` bytes (None: the least memory, then the least recompute)."""
     Pricing(recompute_cost)  # an unknown unit fails before minutes of profiling
+    log.info("planner: measuring each distinct block of %d chain(s) (%d blocks)", len(chains),
+             sum(len(c.blocks) for c in chains))
     profiles = profile_chains(model, chains)
+    log.info("planner: measuring one training step around the chains")
     reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
     step = profile_step(reference, chains, example_inputs, loss_fn)
     reversible_plans: list[ReversiblePlan | None] = [None] * len(chains)
@@ -286,6 +293,7 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
             if isinstance(decided, ReversiblePlan):
                 reversible_plans[c] = decided
                 costs[c] = _reversible_cost(model, prof, options)
+    log.info("planner: choosing segments (exact DP over the options of each stretch of blocks)")
     problem = build_problem(profiles, step, policies=policies, reversible=costs, budget_for=budget_for,
                             recompute_cost=recompute_cost)
     least = min_budget(problem)
@@ -302,6 +310,7 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
         raise BudgetError(f"memory_budget {format_bytes(target)} cannot be met: the smallest {what} budget revify "
                           f"accepts on these inputs is {format_bytes(smallest)} ({smallest} bytes; its plan's "
                           f"predicted {what} is {format_bytes(least[1].peak)}){hint}")
+    log.info("planner: timing the model forward (the unit recompute is reported in)")
     forward = measure_model_forward(model, example_inputs, profiles)
     chain_plans, rev_plans = _plans_from(solution, profiles, reversible_plans, forward)
     unit = 0 if recompute_cost == "time" else 1

@@ -90,6 +90,28 @@ def _progress(message: str) -> None:
 
 
 @contextlib.contextmanager
+def _log_progress() -> Iterator[None]:
+    """Show the planner's progress messages (logger ``revify.planner``) on stderr, with elapsed seconds."""
+    import logging
+
+    start = time.perf_counter()
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            _progress(f"[{time.perf_counter() - start:5.1f} s] {record.getMessage()}")
+
+    logger = logging.getLogger("revify.planner")
+    handler, level = _Handler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def _stages(names: list[str]) -> Iterator[Any]:
     """A progress bar over the stages of a command; silent when stderr is not a terminal."""
     from tqdm import tqdm
@@ -135,8 +157,9 @@ def _cmd_demo(args) -> int:
     print(f"revify demo: BERT-shaped model, {args.layers} layers, hidden {args.hidden}, "
           f"batch {args.batch_size}, seq {args.seq_len} (random weights, CPU)", flush=True)
     t0 = time.perf_counter()
-    _progress("planning: measuring each distinct block and one training step (the planner's inputs) ...")
-    rmodel = revify.revify(model, inputs, strategy="checkpoint")
+    _progress("converting with the budget planner: it measures the blocks and one step first")
+    with _log_progress():
+        rmodel = revify.revify(model, inputs, strategy="checkpoint")
     _progress(f"converted in {time.perf_counter() - t0:.1f} s; measuring both models' memory and "
               f"{args.repeats} paired training steps ...")
     report = revify.report(model, rmodel, inputs, repeats=args.repeats, formulas=False)

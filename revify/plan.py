@@ -90,7 +90,7 @@ class Plan:
             lines.append(f"  costs (predicted): {recompute_words(share, b.forward_s, overhead)}; "
                          f"{format_flops(b.predicted_recompute_flops)} ({unit})")
         else:
-            lines.append("  saves: not predicted for a fixed schedule (revify.report measures it)")
+            lines.append("  saves: not predicted without the budget planner (revify.report measures it)")
         return lines
 
     def _capture_lines(self, verbose: bool) -> list[str]:

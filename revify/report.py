@@ -233,7 +233,8 @@ class MemoryReport:
         elif self._predict is not None:
             lines.append("memory formulas: report.formula() prints them (fitted on demand from fake-tensor steps)")
         if self.pareto:
-            lines.append("planner Pareto front (PREDICTED): budget -> peak, recompute")
+            what = "recompute ms, checkpoint overhead included" if self.pareto_unit == "time" else "recompute FLOPs"
+            lines.append(f"planner Pareto front (PREDICTED): budget -> peak, {what}")
             for budget, peak, cost in self.pareto:
                 lines.append(f"  {format_bytes(budget):>10} -> {format_bytes(peak):>10}, {self._recompute(cost)}")
         if self.plan_summary:
