@@ -51,7 +51,7 @@ from .plan_checkpoint import ChainPlan, Segment, plan_checkpoint
 from .plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
 from .profile_blocks import ChainProfile, profile_chains
 from .profile_step import StepProfile, profile_step
-from .recompute_share import ModelForward, measure_model_forward, recompute_share, segment_overhead_s
+from .recompute_share import ModelForward, chain_paths, measure_model_forward, recompute_share, segment_overhead_s
 from .rewrite_checkpoint import rewrite_checkpoint
 from .solve_schedule import Option, Problem, Solution, min_budget, pareto, solve_within
 
@@ -311,7 +311,7 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
                           f"accepts on these inputs is {format_bytes(smallest)} ({smallest} bytes; its plan's "
                           f"predicted {what} is {format_bytes(least[1].peak)}){hint}")
     log.info("planner: timing the model forward (the unit recompute is reported in)")
-    forward = measure_model_forward(model, example_inputs, profiles)
+    forward = measure_model_forward(model, example_inputs, chain_paths(profiles))
     chain_plans, rev_plans = _plans_from(solution, profiles, reversible_plans, forward)
     unit = 0 if recompute_cost == "time" else 1
     front = [(b, s.peak, recompute_of(s.options)[unit]) for b, s in pareto(problem)]

@@ -6,8 +6,8 @@ overhead of running them under a checkpoint. A user asks a different
 question: how much of a model forward does training run again? This pass
 answers it in one unit that the plan, the report and the command line share:
 milliseconds and percent of one forward of the whole model, measured in
-training mode with gradients on (``revify.measure.measure_block_times``,
-the fastest of a few forwards).
+training mode with gradients on, as the sum of the fastest times of its
+parts (``measure_model_forward``).
 
 The share of a chain is the fraction of its blocks' (and stem's) profiled
 forward that the plan replays, times the fraction of the model forward those
@@ -51,22 +51,71 @@ class RecomputeShare:
     overhead_s: float  # eager checkpoint overhead beyond the replayed ops (not forward work)
 
 
-def measure_model_forward(model: nn.Module, example_inputs: Any, profiles: Sequence[ChainProfile],
-                          seconds: float = 0.5, most: int = 20) -> ModelForward:
-    """One warm-up forward (the first runs cold), then the fastest of as many as fit in about ``seconds``
-    (at least 3, at most ``most``): on a busy machine a forward preempted by another process runs
-    milliseconds longer, which the fastest of many does not show, and a model of milliseconds needs many."""
+def measure_model_forward(model: nn.Module, example_inputs: Any, paths: Sequence[str], seconds: float = 0.5,
+                          most: int = 20) -> ModelForward:
+    """The model forward as the sum of its parts' fastest times: each module in ``paths``, and the rest.
+
+    One warm-up forward (the first runs cold), then as many as fit in about
+    ``seconds`` (at least 3, at most ``most``), in the model's own mode with
+    gradients on; RNG and buffers are left as they were. On a busy machine
+    another process preempts a forward for milliseconds, and a long interval
+    is preempted more often than a short one: the fastest whole forward of a
+    few would still carry it while the fastest run of each block would not,
+    and the blocks' share would swing with the machine's load. Taking the
+    fastest time of each part, the rest of the forward included (the total
+    less the modules, per run), compares like with like, and the modules'
+    share of the total stays within 1.
+    """
     import time
 
-    from revify.measure import measure_block_times
+    import torch
 
-    paths = [b.path for p in profiles for b in p.chain.blocks] + [p.stem.path for p in profiles if p.stem]
-    t0 = time.perf_counter()
-    measure_block_times(model, example_inputs, paths, repeats=1)  # warm-up
-    once = time.perf_counter() - t0
-    repeats = max(3, min(most, int(seconds / max(once, 1e-6))))
-    total, per_module = measure_block_times(model, example_inputs, paths, repeats=repeats, reduce=min)
-    return ModelForward(total, per_module)
+    from revify.measure import run_model
+
+    paths = list(dict.fromkeys(paths))
+    runs: list[dict[str, float]] = []
+    starts: dict[str, float] = {}
+    current: dict[str, float] = {}
+
+    def pre(m, a, p):
+        starts[p] = time.perf_counter()
+
+    def post(m, a, o, p):
+        current[p] = current.get(p, 0.0) + time.perf_counter() - starts.pop(p, time.perf_counter())
+
+    handles = []
+    for p in paths:
+        module = model.get_submodule(p)
+        handles.append(module.register_forward_pre_hook(lambda m, a, p=p: pre(m, a, p)))
+        handles.append(module.register_forward_hook(lambda m, a, o, p=p: post(m, a, o, p)))
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            t0 = time.perf_counter()
+            del_out = run_model(model, example_inputs)  # warm-up
+            del del_out
+            repeats = max(3, min(most, int(seconds / max(time.perf_counter() - t0, 1e-6))))
+            for _ in range(repeats):
+                current.clear()
+                t0 = time.perf_counter()
+                out = run_model(model, example_inputs)
+                total = time.perf_counter() - t0
+                del out
+                runs.append({**current, "": max(0.0, total - sum(current.values()))})
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+    per_module = {p: min(r.get(p, 0.0) for r in runs) for p in paths}
+    rest = min(r[""] for r in runs)
+    return ModelForward(sum(per_module.values()) + rest, per_module)
+
+
+def chain_paths(profiles: Sequence[ChainProfile]) -> list[str]:
+    """The modules whose forward the recompute share is made of: every chain block, and each stem."""
+    return [b.path for p in profiles for b in p.chain.blocks] + [p.stem.path for p in profiles if p.stem]
 
 
 def segment_overhead_s(prof: ChainProfile, segments: Sequence[Segment]) -> float:

@@ -476,13 +476,8 @@ def measure_block_times(
     block_paths: Sequence[str],
     *,
     repeats: int = 3,
-    reduce: Callable[[list[float]], float] = statistics.median,
 ) -> tuple[float, dict[str, float]]:
-    """Median (or ``reduce``) forward time of the whole model and of each block, training mode, grad on.
-
-    ``reduce=min`` is the noise-robust choice on a busy machine (a preempted
-    forward only ever runs longer); with it each block's time is at most its
-    time in the fastest whole forward, so the blocks' share stays within 1.
+    """Median forward time of the whole model and of each block, in training mode with grad on.
 
     This is what recomputation repeats: a block recomputed in backward costs
     about its forward time again. The RNG and the buffers (BatchNorm
@@ -520,7 +515,7 @@ def measure_block_times(
         with torch.no_grad():
             for b, value in buffers:
                 b.copy_(value)
-    return reduce(totals), {p: reduce(v) if v else 0.0 for p, v in times.items()}
+    return statistics.median(totals), {p: statistics.median(v) if v else 0.0 for p, v in times.items()}
 
 
 def measure_step(

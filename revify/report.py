@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from revify.measure import CATEGORIES, ExampleInputs, StepMeasurement, measure_block_times, measure_step
+from revify.measure import CATEGORIES, ExampleInputs, StepMeasurement, measure_step
 from revify.step_timing import PAIRS, PairedTiming, paired_step_times
 from revify.units import format_bytes, format_flops
 
@@ -518,8 +518,12 @@ def report(
     after = measure_step(rmodel, example_inputs, fn, repeats=1, warmup=0, block_paths=paths)
     timing = paired_step_times(model, rmodel, example_inputs, fn, pairs=repeats)
     before, after = replace(before, step_time_s=timing.before_s), replace(after, step_time_s=timing.after_s)
-    # the unit of recompute, as the planner measures it (passes/recompute_share): the fastest forwards
-    forward = measure_block_times(model, example_inputs, paths, repeats=max(repeats, 5), reduce=min) if chains else None
+    forward = None
+    if chains:  # the unit of recompute, measured as the planner measures it (passes/recompute_share)
+        from revify.passes.recompute_share import measure_model_forward
+
+        measured = measure_model_forward(model, example_inputs, paths)
+        forward = (measured.total_s, measured.per_module)
     notes: list[str] = []
     if before.saved_bytes and after.saved_bytes > before.saved_bytes:
         notes.append("revified model saves MORE for backward than the original")
