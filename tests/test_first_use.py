@@ -103,7 +103,15 @@ def test_report_of_a_model_and_its_copy_reads_one_within_its_spread():
     ratio, low, high = map(float, found.groups())
     assert low <= 1.00 <= high, text
     assert low <= ratio <= high and rep.ratios()["time"] == rep.timing.ratio
-    assert rep.timing.pairs == 7 and rep.timing.warmup >= 1
+    assert rep.timing.pairs == 7 and rep.timing.warmup >= 1 and rep.timing.confidence >= 0.95
+
+
+def test_median_interval_is_the_sign_test_interval():
+    from revify.step_timing import median_interval
+
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0, 7.0, 6.0]) == (1.0, 7.0, 1 - 2 / 2 ** 7)  # 7: min-max
+    low, high, confidence = median_interval([float(i) for i in range(11)])
+    assert (low, high) == (1.0, 9.0) and confidence == 1 - 2 * 12 / 2 ** 11  # drops one value at each end
 
 
 def test_cli_version_and_every_value_flag_shows_its_default(capsys):
