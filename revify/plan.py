@@ -144,6 +144,25 @@ def _segment_words(s: Segment) -> str:
             + (f", {elided} op(s) skipped in the recompute" if elided else ""))
 
 
+def _schedule_words(segments: tuple[Segment, ...]) -> list[str]:
+    """Segments in words; a run of single-block segments of one plain policy is said once."""
+    words: list[str] = []
+    i = 0
+    while i < len(segments):
+        s, j = segments[i], i
+        while (s.end - s.start == 1 and s.policy in ("recompute", "save_matmuls") and j + 1 < len(segments)
+               and segments[j + 1].policy == s.policy and segments[j + 1].start == segments[j].end
+               and segments[j + 1].end - segments[j + 1].start == 1):
+            j += 1
+        if j > i:
+            what = "only its input kept" if s.policy == "recompute" else "its matmul outputs kept"
+            words.append(f"blocks {s.start}-{segments[j].start} each recomputed alone in backward ({what})")
+        else:
+            words.append(_segment_words(s))
+        i = j + 1
+    return words
+
+
 def _kept_words(kept: list[int]) -> str:
     runs: list[list[int]] = []
     for i in kept:
@@ -159,7 +178,7 @@ def _checkpoint_lines(cp: ChainPlan, i: int, verbose: bool, forward_s: float | N
     blocks = cp.chain.blocks
     lines = [f"  chain {i}: {len(blocks)} × {blocks[0].module_type} in "
              f"{cp.chain.parent or '<root>'} ({blocks[0].path} … {blocks[-1].path})"]
-    words = [_segment_words(s) for s in cp.segments]
+    words = _schedule_words(cp.segments)
     if cp.kept_blocks:
         words.append(_kept_words(cp.kept_blocks))
     lines.append(f"    schedule ({cp.schedule}): " + "; ".join(words))
