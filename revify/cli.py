@@ -285,7 +285,9 @@ def _cmd_inspect(args) -> int:
     if args.src is not None and os.path.isfile(os.path.join(args.src, "revify.json")):
         from revify.inspect_folder import describe_folder
 
-        print(describe_folder(args.src, verbose=args.verbose, as_json=args.json))
+        if args.arch is not None and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as for SRC: --arch finds modules in the working folder
+        print(describe_folder(args.src, verbose=args.verbose, as_json=args.json, arch=args.arch))
         return 0
     if args.src is None:  # the built-in model
         for value, flag in ((args.layers, "--layers"), (args.hidden, "--hidden"),

@@ -36,14 +36,17 @@ def _source_words(source: dict) -> str:
     return str(source.get("arch") or source.get("class") or source.get("path") or kind or "unknown source")
 
 
-def describe_folder(path: str | Path, *, verbose: bool = False, as_json: bool = False) -> str:
-    """The recorded plan of a converted folder, as ``revify.load`` applies it (``CheckpointError`` if it cannot)."""
+def describe_folder(path: str | Path, *, verbose: bool = False, as_json: bool = False,
+                    arch: str | None = None) -> str:
+    """The recorded plan of a converted folder, as ``revify.load`` applies it (``CheckpointError`` if it cannot).
+
+    ``arch``: for folders converted from a state dict with ``--arch`` (imports and runs that code)."""
     from revify.checkpoint_io import load, read_manifest
     from revify.sources import InputSpec
 
     folder = Path(path)
     manifest = read_manifest(folder)
-    rmodel = load(folder)  # re-analyses the architecture and applies the recorded plan, as a user's load does
+    rmodel = load(folder, arch=arch)  # re-analyses the architecture and applies the recorded plan, as a user's load does
     plan = rmodel.revify_plan
     budget = manifest.get("plan", {}).get("budget")
     if isinstance(budget, dict) and all(k in budget for k in _BUDGET_FIELDS):

@@ -165,3 +165,31 @@ def test_inspect_of_a_converted_folder_prints_its_plan_and_predictions(bert_fold
         recorded = next(ln for ln in converted.splitlines() if line in ln)
         assert recorded.strip() in out
     assert "eager <root>" in out  # --verbose: capture details
+
+
+def test_inspect_of_a_folder_converted_with_arch(tmp_path, monkeypatch, capsys):
+    """A folder converted from a state dict names its --arch; inspect needs it too, and says so without it."""
+    (tmp_path / "tinyres.py").write_text(
+        "import torch\n"
+        "class Block(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.f = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))\n"
+        "    def forward(self, x):\n"
+        "        return x + self.f(x)\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(*[Block() for _ in range(4)])\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import tinyres
+
+    torch.save(tinyres.build().state_dict(), tmp_path / "w.pt")
+    args = ["--arch", "tinyres:build"]
+    assert main(["convert", "w.pt", *args, "--input-shape", "32x16", "--out", "out", "--schedule", "per-block"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "out"]) == 2
+    assert "pass model= (a module of that architecture) or arch='tinyres:build'" in capsys.readouterr().err
+    assert main(["inspect", "out", *args]) == 0
+    out = capsys.readouterr().out
+    assert "from tinyres:build" in out and "blocks 0-3 each recomputed alone in backward" in out
