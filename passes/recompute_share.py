@@ -27,10 +27,14 @@ After::
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import torch
 from torch import nn
+
+from revify.measure import _sync, run_model  # _sync: a CUDA forward is timed once its kernels ran
 
 from .plan_checkpoint import Segment
 from .profile_blocks import ChainProfile
@@ -66,12 +70,6 @@ def measure_model_forward(model: nn.Module, example_inputs: Any, paths: Sequence
     less the modules, per run), compares like with like, and the modules'
     share of the total stays within 1.
     """
-    import time
-
-    import torch
-
-    from revify.measure import run_model
-
     paths = list(dict.fromkeys(paths))
     runs: list[dict[str, float]] = []
     starts: dict[str, float] = {}
@@ -81,6 +79,7 @@ def measure_model_forward(model: nn.Module, example_inputs: Any, paths: Sequence
         starts[p] = time.perf_counter()
 
     def post(m, a, o, p):
+        _sync(model)
         current[p] = current.get(p, 0.0) + time.perf_counter() - starts.pop(p, time.perf_counter())
 
     handles = []
@@ -92,13 +91,16 @@ def measure_model_forward(model: nn.Module, example_inputs: Any, paths: Sequence
     try:
         with torch.random.fork_rng(devices=[]):
             t0 = time.perf_counter()
-            del_out = run_model(model, example_inputs)  # warm-up
-            del del_out
+            warm = run_model(model, example_inputs)  # warm-up: the first forward runs cold
+            _sync(model)
+            del warm
             repeats = max(3, min(most, int(seconds / max(time.perf_counter() - t0, 1e-6))))
             for _ in range(repeats):
                 current.clear()
+                _sync(model)
                 t0 = time.perf_counter()
                 out = run_model(model, example_inputs)
+                _sync(model)
                 total = time.perf_counter() - t0
                 del out
                 runs.append({**current, "": max(0.0, total - sum(current.values()))})
