@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import re
 
 import pytest
@@ -125,6 +126,8 @@ def test_cli_version_and_every_value_flag_shows_its_default(capsys):
             if action.option_strings and action.nargs != 0 and not action.required and action.help != argparse.SUPPRESS:
                 assert action.help and "default" in action.help, (command, action.option_strings)
     assert "--budget-for" in sub.choices["convert"].format_help()
+    assert main(["inspect", "--layers", "1", "--hidden", "32", "--budget-for", "activations"]) == 2
+    assert "--budget-for says what --budget bounds; give --budget too" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +146,11 @@ def test_convert_of_a_keep_everything_plan_writes_a_loadable_folder_and_inspect_
                                                                                          capsys):
     dst = tmp_path / "out"
     # a budget far above the step's peak: the least-recompute plan keeps every activation
-    assert main(["convert", str(bert_folder), "--out", str(dst), "--seq-len", "16", "--budget", "10GiB"]) == 0
+    assert main(["convert", str(bert_folder), "--out", str(dst), "--seq-len", "16", "--budget", "10GiB",
+                 "--budget-for", "activations"]) == 0
     out, err = capsys.readouterr()
+    recorded = json.loads((dst / "revify.json").read_text())["plan"]["budget"]
+    assert recorded["budget_for"] == "activations" and recorded["budget"] == 10 * 2**30
     assert "keeps every activation" in err and "written anyway" in err and f"wrote {dst}" in out
     loaded = revify.load(dst)
     assert loaded.revify_plan.planned and not loaded.revify_plan.converted
