@@ -64,8 +64,8 @@ class Plan:
         if not self.planned and not self.errors:
             return ["  converted: nothing — no convertible chain of blocks found; module left unchanged"]
         if not self.converted and not self.errors:
-            return [f"  converted: nothing — every chain keeps its activations (the plan already fits); "
-                    f"the module runs as the original"]
+            return ["  converted: nothing — every chain keeps its activations (the plan already fits); "
+                    "the module runs as the original"]
         if self.errors:
             return []
         kinds = []
