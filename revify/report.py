@@ -75,6 +75,7 @@ class ChainReport:
     recompute_s: float | None = None  # measured forward time of the blocks backward recomputes
     recompute_fraction: float | None = None  # recompute_s / measured forward time of the whole model
     recompute_partial: bool = False  # save_matmuls segments recompute less than their blocks' forward
+    recompute_stem: bool = False  # recompute_s includes the chain's stem, rebuilt with the first segment
     reconstruction_error: float | None = None  # reversible: largest measured error of a reconstructed input
     start_error: float | None = None  # reversible: chain output vs the original blocks (eval mode)
 
@@ -263,7 +264,7 @@ class MemoryReport:
                 total = f" of {self.forward_s * 1e3:.1f} ms" if self.forward_s else ""
                 lines.append(f"  recompute: {bound}{c.recompute_fraction:.0%} of one model forward "
                              f"({bound}{c.recompute_s * 1e3:.1f} ms{total}, measured forward of the recomputed "
-                             f"blocks){planned}")
+                             f"blocks{' and stem' if c.recompute_stem else ''}){planned}")
             if c.reconstruction_error is not None or c.start_error is not None:
                 parts = []
                 if c.reconstruction_error is not None:
@@ -383,11 +384,12 @@ class _Chain:
         return ChainLabel(f"chain {self.index}", self.paths, self.block_type)
 
     def recomputed(self) -> list[str]:
-        """Blocks whose forward backward runs again."""
+        """Modules whose forward backward runs again: the recomputed blocks, and a stem rebuilt with them."""
         if self.kind == "reversible":
             return list(self.paths)
         inside = {i for s in self.entry.segments for i in range(s.start, s.end)}
-        return [p for i, p in enumerate(self.paths) if i in inside]
+        stem = [self.entry.stem] if self.entry.stem else []  # rebuilt with the first segment
+        return stem + [p for i, p in enumerate(self.paths) if i in inside]
 
     def layout(self) -> str:
         e = self.entry
@@ -459,7 +461,8 @@ def build_report(before: StepMeasurement, after: StepMeasurement, rmodel: Any, *
             planned_peak_bytes=getattr(e, "predicted_peak_bytes", None),
             planned_recompute_fraction=getattr(e, "recompute_fraction", None),
             forward_s=fwd, recompute_s=rec, recompute_fraction=frac, reconstruction_error=err, start_error=start,
-            recompute_partial=ch.kind == "checkpoint" and any(s.policy != "recompute" for s in e.segments)))
+            recompute_partial=ch.kind == "checkpoint" and any(s.policy != "recompute" for s in e.segments),
+            recompute_stem=ch.kind == "checkpoint" and e.stem is not None))
     pareto, chosen, pareto_unit = _pareto(rmodel)
     rep = MemoryReport(before=before, after=after, plan_summary=_plan_summary(rmodel), notes=notes,
                        device=device, chains=rows, blocks=blocks, estimated=estimated,
@@ -522,7 +525,7 @@ def report(
     if chains:  # the unit of recompute, measured as the planner measures it (passes/recompute_share)
         from revify.passes.recompute_share import measure_model_forward
 
-        measured = measure_model_forward(model, example_inputs, paths)
+        measured = measure_model_forward(model, example_inputs, [p for c in chains for p in c.recomputed()] + paths)
         forward = (measured.total_s, measured.per_module)
     notes: list[str] = []
     if before.saved_bytes and after.saved_bytes > before.saved_bytes:
