@@ -82,7 +82,7 @@ def main() -> None:
         per_block = revify.revify(copy.deepcopy(base), inputs, strategy="checkpoint", schedule="per-block")
     variants = [
         ("plain training", base),
-        ("HF gradient_checkpointing_enable", hf),
+        ("HF activation_checkpointing_enable", hf),
         ("checkpoint_sequential sqrt(n)", with_checkpoint_sequential(copy.deepcopy(base))),
         # the default planner minimises the peak, then recompute: where parameter gradients set
         # the peak it keeps activations that cost no peak, so it is shown beside per-block

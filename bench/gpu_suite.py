@@ -104,8 +104,8 @@ def enable_hf_checkpointing(model: torch.nn.Module) -> str:
     (5.25 has it, 5.17 does not); both checkpoint each layer, non-reentrant here.
     """
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable()
-        return "activation_checkpointing_enable()"
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return "activation_checkpointing_enable(use_reentrant=False)"
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return "gradient_checkpointing_enable(use_reentrant=False)"
 

@@ -56,9 +56,13 @@ class BlockGraph:
     reason: str = ""
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """The exception's first line; a long one is cut at a word boundary and marked, never mid-word."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+    line = f"{type(exc).__name__}: {text[0] if text else ''}"
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " …"
 
 
 def _concrete_args(module: nn.Module, rec: CallRecord) -> dict[str, Any] | None:

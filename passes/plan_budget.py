@@ -34,9 +34,8 @@ An infeasible budget raises ``BudgetError`` naming the smallest feasible one.
 """
 from __future__ import annotations
 
+import logging
 import math
-import statistics
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -52,9 +51,12 @@ from .plan_checkpoint import ChainPlan, Segment, plan_checkpoint
 from .plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
 from .profile_blocks import ChainProfile, profile_chains
 from .profile_step import StepProfile, profile_step
-from .record_calls import call_model
+from .recompute_share import ModelForward, chain_paths, measure_model_forward, recompute_share, segment_overhead_s
 from .rewrite_checkpoint import rewrite_checkpoint
 from .solve_schedule import Option, Problem, Solution, min_budget, pareto, solve_within
+
+
+log = logging.getLogger("revify.planner")  # progress of the slow steps; the CLI's demo shows it
 
 
 class BudgetError(ValueError):
@@ -69,7 +71,7 @@ class BudgetPlan:
     predicted_peak: int
     predicted_recompute_s: float
     smallest_budget: int
-    forward_s: float  # measured forward time of the whole model (no grad), for the extra-forward fraction
+    forward_s: float  # measured forward of the whole model (training mode, grad on): the unit of recompute
     # (budget, predicted peak, recompute) of the plans least in ``recompute_cost``, recompute in that
     # unit: seconds for "time", FLOPs for "flops"
     pareto: list[tuple[int, int, float]] = field(default_factory=list)
@@ -205,23 +207,6 @@ def schedule_path(problem: Problem, chains: list[ChainPlan]) -> list[Option]:
     return path
 
 
-def _model_forward_s(model: nn.Module, example_inputs: Any, repeats: int = 2) -> float:
-    """Median forward time in the model's own mode; buffers (BatchNorm statistics) restored."""
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    times = []
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                call_model(model, example_inputs)
-                times.append(time.perf_counter() - t0)
-    finally:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(buffers[n])
-    return statistics.median(times)
-
-
 def recompute_of(options: tuple[Option, ...] | list[Option]) -> tuple[float, float]:
     """Predicted (seconds, FLOPs) recomputed by a path of options, whichever the solver minimised."""
     return sum(o.parts[0] for o in options if o.parts), sum(o.parts[1] for o in options if o.parts)
@@ -262,24 +247,26 @@ def checkpoint_plans(solution: Solution, profiles: list[ChainProfile]) -> list[C
             for c, p in enumerate(profiles)]
 
 
-def _plans_from(solution: Solution, profiles: list[ChainProfile],
-                reversible_plans: list[ReversiblePlan | None]) -> tuple[list[ChainPlan], list[ReversiblePlan]]:
+def _plans_from(solution: Solution, profiles: list[ChainProfile], reversible_plans: list[ReversiblePlan | None],
+                forward: ModelForward) -> tuple[list[ChainPlan], list[ReversiblePlan]]:
     chains, revs = [], []
     for c, prof in enumerate(profiles):
         mine = [o for o in solution.options if o.label[1] == c]
         recompute = recompute_of(mine)[0]
-        chain_forward = sum(b.forward_s for b in prof.blocks)
+        reversible = bool(mine) and mine[0].label[0] == "reversible"
+        segments = () if reversible else segments_of(mine, prof, c)
+        overhead = segment_overhead_s(prof, segments)
         predicted = dict(predicted_saved_bytes=_chain_kept(mine, c),
                          predicted_peak_bytes=solution.peak,
                          predicted_recompute_s=recompute,
-                         recompute_fraction=recompute / chain_forward if chain_forward else 0.0)
-        if mine and mine[0].label[0] == "reversible":
+                         recompute_fraction=recompute_share(prof, recompute, overhead, forward).share)
+        if reversible:
             rp = reversible_plans[c]
             for k, v in predicted.items():
                 setattr(rp, k, v)
             revs.append(rp)
             continue
-        chains.append(ChainPlan(prof.chain, segments_of(mine, prof, c), "budget", **predicted,
+        chains.append(ChainPlan(prof.chain, segments, "budget", **predicted, predicted_overhead_s=overhead,
                                 stem=stem_of(mine, prof, c)))
     return chains, revs
 
@@ -291,7 +278,10 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
                 recompute_cost: str = "time") -> BudgetPlan:
     """Plan every chain for ``budget`` bytes (None: the least memory, then the least recompute)."""
     Pricing(recompute_cost)  # an unknown unit fails before minutes of profiling
+    log.info("planner: measuring each distinct block of %d chain(s) (%d blocks)", len(chains),
+             sum(len(c.blocks) for c in chains))
     profiles = profile_chains(model, chains)
+    log.info("planner: measuring one training step around the chains")
     reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
     step = profile_step(reference, chains, example_inputs, loss_fn)
     reversible_plans: list[ReversiblePlan | None] = [None] * len(chains)
@@ -303,6 +293,7 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
             if isinstance(decided, ReversiblePlan):
                 reversible_plans[c] = decided
                 costs[c] = _reversible_cost(model, prof, options)
+    log.info("planner: choosing segments (exact DP over the options of each stretch of blocks)")
     problem = build_problem(profiles, step, policies=policies, reversible=costs, budget_for=budget_for,
                             recompute_cost=recompute_cost)
     least = min_budget(problem)
@@ -319,11 +310,12 @@ def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budg
         raise BudgetError(f"memory_budget {format_bytes(target)} cannot be met: the smallest {what} budget revify "
                           f"accepts on these inputs is {format_bytes(smallest)} ({smallest} bytes; its plan's "
                           f"predicted {what} is {format_bytes(least[1].peak)}){hint}")
-    forward_s = _model_forward_s(model, example_inputs)
-    chain_plans, rev_plans = _plans_from(solution, profiles, reversible_plans)
+    log.info("planner: timing the model forward (the unit recompute is reported in)")
+    forward = measure_model_forward(model, example_inputs, chain_paths(profiles))
+    chain_plans, rev_plans = _plans_from(solution, profiles, reversible_plans, forward)
     unit = 0 if recompute_cost == "time" else 1
     front = [(b, s.peak, recompute_of(s.options)[unit]) for b, s in pareto(problem)]
     seconds, flops = recompute_of(solution.options)
-    return BudgetPlan(chain_plans, rev_plans, target, solution.peak, seconds, smallest, forward_s, front,
+    return BudgetPlan(chain_plans, rev_plans, target, solution.peak, seconds, smallest, forward.total_s, front,
                       budget_for, recompute_cost, flops)
 

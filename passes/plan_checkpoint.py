@@ -87,8 +87,9 @@ class ChainPlan:
     # predictions of the budget planner (None for the fixed schedules)
     predicted_saved_bytes: int | None = None  # what the chain keeps for backward
     predicted_peak_bytes: int | None = None  # the step's peak
-    predicted_recompute_s: float | None = None
-    recompute_fraction: float | None = None  # recompute time / the chain's forward time
+    predicted_recompute_s: float | None = None  # replayed forward plus checkpoint overhead
+    recompute_fraction: float | None = None  # replayed forward / one forward of the whole model (recompute_share)
+    predicted_overhead_s: float | None = None  # eager checkpoint overhead in predicted_recompute_s
     # path of the chain's stem (``find_stem``), recomputed with the segment that starts at block 0
     # instead of that segment keeping its input; None: the stem runs as written
     stem: str | None = None

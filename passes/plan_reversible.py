@@ -102,7 +102,7 @@ class ReversiblePlan:
     predicted_saved_bytes: int | None = None
     predicted_peak_bytes: int | None = None
     predicted_recompute_s: float | None = None
-    recompute_fraction: float | None = None
+    recompute_fraction: float | None = None  # replayed forward / one forward of the whole model
 
     @property
     def segments(self) -> list[tuple[int, int, float]]:

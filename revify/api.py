@@ -122,10 +122,13 @@ def analyse(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint",
 
 
 def inspect(model: nn.Module, example_inputs: Any, strategy: str = "checkpoint", *, file=None,
-            schedule: str | None = None, memory_budget: Any = None, **reversible_options: Any) -> Plan:
-    """Print the blocks and chains revify finds, and what it would do with each."""
+            schedule: str | None = None, memory_budget: Any = None, verbose: bool = False,
+            **reversible_options: Any) -> Plan:
+    """Print the blocks and chains revify finds, and what it would do with each.
+
+    ``verbose`` adds the capture details (what torch.fx traced, and why it could not trace the rest)."""
     plan = analyse(model, example_inputs, strategy, schedule, memory_budget, **reversible_options)
-    print(plan.summary(), file=file)
+    print(plan.summary(verbose=verbose), file=file)
     return plan
 
 

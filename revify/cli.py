@@ -64,6 +64,9 @@ DEMO_EXAMPLES = """examples:
 """
 
 
+PAIRS = 7  # revify.step_timing.PAIRS, without importing torch for --help
+
+
 class UsageError(ValueError):
     """A bad command line or input; exit code 2."""
 
@@ -75,6 +78,32 @@ class _Parser(argparse.ArgumentParser):
 
 def _err(message: str) -> None:
     print(f"revify: error: {message}", file=sys.stderr, flush=True)
+
+
+def _progress(message: str) -> None:
+    print(f"revify: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _log_progress() -> Iterator[None]:
+    """Show the planner's progress messages (logger ``revify.planner``) on stderr, with elapsed seconds."""
+    import logging
+
+    start = time.perf_counter()
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            _progress(f"[{time.perf_counter() - start:5.1f} s] {record.getMessage()}")
+
+    logger = logging.getLogger("revify.planner")
+    handler, level = _Handler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -123,10 +152,15 @@ def _cmd_demo(args) -> int:
     print(f"revify demo: BERT-shaped model, {args.layers} layers, hidden {args.hidden}, "
           f"batch {args.batch_size}, seq {args.seq_len} (random weights, CPU)", flush=True)
     t0 = time.perf_counter()
-    rmodel = revify.revify(model, inputs, strategy="checkpoint")
-    print(f"converted in {time.perf_counter() - t0:.1f} s; measuring one training step before and after ...",
-          flush=True)
-    print(revify.report(model, rmodel, inputs, repeats=args.repeats))
+    _progress("converting with the budget planner: it measures the blocks and one step first")
+    with _log_progress():
+        rmodel = revify.revify(model, inputs, strategy="checkpoint")
+    _progress(f"converted in {time.perf_counter() - t0:.1f} s; measuring both models' memory and "
+              f"{args.repeats} paired training steps ...")
+    report = revify.report(model, rmodel, inputs, repeats=args.repeats, formulas=False)
+    if args.verbose:
+        report.plan_summary = rmodel.revify_plan.summary(verbose=True)
+    print(report)
     return 0 if rmodel.revify_plan.planned else 1
 
 
@@ -168,6 +202,10 @@ def _conversion_options(args) -> dict:
             kw["memory_budget"] = parse_bytes(args.budget)
         except ValueError as exc:
             raise UsageError(f"--budget: {exc}") from None
+    if getattr(args, "budget_for", None) is not None:
+        if getattr(args, "budget", None) is None:
+            raise UsageError("--budget-for says what --budget bounds; give --budget too")
+        kw["budget_for"] = args.budget_for
     if getattr(args, "recompute_cost", None) is not None:
         if "recompute_cost" not in accepted:
             raise UsageError("--recompute-cost needs a revify version whose planner has it")
@@ -226,13 +264,16 @@ def _cmd_convert(args) -> int:
         with stage("analyse, convert, calibrate"):
             rmodel = _convert(src.model, inputs, kw, args.seed)
         plan = rmodel.revify_plan
-        if not plan.converted:
+        if not plan.planned or (args.strict and not plan.converted):
             return _nothing_converted(plan, args, f"{args.out} not written")
         options = {**options_from_plan(plan), **kw, "seed": args.seed}  # what was asked, and what it meant
         rmodel._revify_record = ConversionRecord(src.info, src.spec, options, True, src.copy_files)
         with stage("write DST"):
             dst = save(rmodel, args.out, force=args.force, _flag="--force")
-    print(plan.summary())
+    print(plan.summary(verbose=args.verbose))
+    if not plan.converted:
+        _progress(f"note: the plan keeps every activation (it already fits); {dst} is written anyway and "
+                  "revify.load restores it, running as the original")
     print(f"example inputs: {src.spec.describe()} (recorded; revify.load synthesises the same)")
     size = sum(f.stat().st_size for f in dst.iterdir())
     print(f"wrote {dst} ({size / 2**20:.1f} MiB); load it with revify.load({str(dst)!r})")
@@ -242,6 +283,13 @@ def _cmd_convert(args) -> int:
 def _cmd_inspect(args) -> int:
     from revify import api
 
+    if args.src is not None and os.path.isfile(os.path.join(args.src, "revify.json")):
+        from revify.inspect_folder import describe_folder
+
+        if args.arch is not None and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as for SRC: --arch finds modules in the working folder
+        print(describe_folder(args.src, verbose=args.verbose, as_json=args.json, arch=args.arch))
+        return 0
     if args.src is None:  # the built-in model
         for value, flag in ((args.layers, "--layers"), (args.hidden, "--hidden"),
                             (args.batch_size, "--batch-size"), (args.seq_len, "--seq-len")):
@@ -262,7 +310,7 @@ def _cmd_inspect(args) -> int:
 
         print(json.dumps({"source": info, "inputs": spec_json, "plan": plan_to_json(plan, detail=True)}, indent=1))
     else:
-        print(plan.summary())
+        print(plan.summary(verbose=args.verbose))
     return 1 if args.strict and not plan.converted else 0
 
 
@@ -295,6 +343,8 @@ def _cmd_report(args) -> int:
             if args.dtype != "fp32":
                 extra["dtype"] = args.dtype
             report = revify.report(before, rmodel, inputs, repeats=args.repeats, **extra)
+    if args.verbose:
+        report.plan_summary = rmodel.revify_plan.summary(verbose=True)
     print(report.to_json() if args.json else report)
     if args.plot is not None:
         report.plot(args.plot)
@@ -312,16 +362,17 @@ def _add_source(p: argparse.ArgumentParser, optional: bool = False) -> None:
         p.add_argument("src", metavar="SRC", help="Hugging Face model folder, state dict file or pickled module")
     g = p.add_argument_group("source and example inputs")
     g.add_argument("--arch", metavar="MODULE:FACTORY",
-                   help="callable that builds the model for a state dict SRC (imports and runs your code)")
+                   help="callable that builds the model for a state dict SRC (imports and runs your code; "
+                        "default: none, a Hugging Face folder needs none)")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow SRC to be a whole pickled module (unpickling runs arbitrary code)")
     g.add_argument("--batch-size", type=int, default=2, help="batch of the synthesised inputs (default 2)")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence for text models (default 128)")
     g.add_argument("--input-shape", action="append", metavar="SHAPE[:DTYPE[:HIGH]]",
                    help="a positional input for --arch or pickled sources, e.g. 8x32 or 2x16:int64:50 "
-                        "(token ids below 50); repeat for several inputs")
+                        "(token ids below 50); repeat for several inputs (default: from the model's config)")
     g.add_argument("--device", default="cpu", help="device to convert on (default cpu)")
-    g.add_argument("--seed", type=int, default=0, help="seed for adapter initialisation and calibration")
+    g.add_argument("--seed", type=int, default=0, help="seed for adapter initialisation and calibration (default 0)")
 
 
 def _add_conversion(p: argparse.ArgumentParser) -> None:
@@ -330,7 +381,13 @@ def _add_conversion(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strategy", default="checkpoint",
                    help="checkpoint: same gradients, blocks recomputed (default); reversible: MEFT/RevNet "
                         "couplings (changes the architecture); auto: the budget planner may also use reversible")
-    g.add_argument("--budget", metavar="BYTES", help="activation memory budget, e.g. 6GiB (budget planner)")
+    g.add_argument("--budget", metavar="BYTES",
+                   help="memory budget, e.g. 6GiB: bounds the step's predicted peak (activations, gradients, "
+                        "temporaries), or with --budget-for activations the bytes kept for backward (default: "
+                        "none, the least memory the planner reaches)")
+    g.add_argument("--budget-for", choices=("peak", "activations"),
+                   help="what --budget bounds: peak (default) or activations (memory_budget / budget_for in "
+                        "revify.revify)")
     g.add_argument("--schedule", help="checkpoint schedule: budget (the planner, default), sqrt(n) or per-block")
     g.add_argument("--recompute-cost", choices=("time", "flops"),
                    help="what the budget planner minimises: measured recompute time (default) or FLOPs "
@@ -350,13 +407,18 @@ def _add_conversion(p: argparse.ArgumentParser) -> None:
                    help="reversible: relative reconstruction error allowed before an anchor (default 1e-4)")
     g.add_argument("--stream-dtype", choices=("float64", "float32", "bfloat16", "float16"),
                    help="reversible: dtype of the two streams (default: one step wider than the model)")
-    g.add_argument("--strict", action="store_true", help="exit 1 if nothing can be converted")
-    g.add_argument("--verbose", action="store_true", help="show warnings from torch and transformers")
+    g.add_argument("--strict", action="store_true", help="exit 1 if nothing can be converted (default off)")
+    g.add_argument("--verbose", action="store_true",
+                   help="also show capture details (what torch.fx traced, why it could not trace the rest) and "
+                        "warnings from torch and transformers (default off)")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from revify import __version__
+
     p = _Parser(prog="revify", description="Make PyTorch training fit in less activation memory.",
                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"revify {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -375,17 +437,18 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the analysis as JSON")
     _add_conversion(i)
     demo = i.add_argument_group("built-in model (without SRC)")
-    demo.add_argument("--layers", type=int, default=6)
-    demo.add_argument("--hidden", type=int, default=256)
+    demo.add_argument("--layers", type=int, default=6, help="encoder layers (default 6)")
+    demo.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
 
     r = sub.add_parser("report", help="measure memory and time of a training step before and after",
                        description="Convert SRC in memory and measure one training step before and after.",
                        epilog=REPORT_EXAMPLES, formatter_class=fmt)
     _add_source(r)
     r.add_argument("--json", action="store_true", help="print the report as JSON")
-    r.add_argument("--plot", metavar="PNG", help="also draw the memory report to this image file")
+    r.add_argument("--plot", metavar="PNG", help="also draw the memory report to this image file (default: none)")
+    r.add_argument("--repeats", type=int, default=PAIRS,
+                   help=f"timed pairs of steps, alternating the two models after a warm-up (default {PAIRS})")
     r.add_argument("--force", action="store_true", help="overwrite the --plot file if it exists")
-    r.add_argument("--repeats", type=int, default=3, help="timed steps per model (median, default 3)")
     r.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="bf16/fp16: each forward under torch.autocast on --device (default fp32)")
     r.add_argument("--formulas", action="store_true",
@@ -396,11 +459,13 @@ def _parser() -> argparse.ArgumentParser:
                        description="Convert a built-in BERT-shaped model (random weights) and print the "
                                    "measured memory report. No files, no network.",
                        epilog=DEMO_EXAMPLES, formatter_class=fmt)
-    d.add_argument("--layers", type=int, default=6)
-    d.add_argument("--hidden", type=int, default=256)
-    d.add_argument("--batch-size", type=int, default=4)
-    d.add_argument("--seq-len", type=int, default=128)
-    d.add_argument("--repeats", type=int, default=3, help="timed steps per model (median)")
+    d.add_argument("--layers", type=int, default=6, help="encoder layers (default 6)")
+    d.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
+    d.add_argument("--batch-size", type=int, default=4, help="batch of the random inputs (default 4)")
+    d.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    d.add_argument("--repeats", type=int, default=5,
+                   help="timed pairs of steps, alternating the two models after a warm-up (default 5)")
+    d.add_argument("--verbose", action="store_true", help="also show capture details (default off)")
     return p
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from revify.passes.capture import Region
 from revify.passes.find_chains import Rejection
-from revify.passes.plan_checkpoint import ChainPlan
+from revify.passes.plan_checkpoint import ChainPlan, Segment
 from revify.passes.plan_reversible import ReversiblePlan
 from revify.units import format_bytes, format_flops
 
@@ -37,78 +37,186 @@ class Plan:
         """Whether some chain was decided on (a budget may keep a chain's activations)."""
         return bool(self.chains or self.reversible)
 
-    def summary(self) -> str:
+    def summary(self, verbose: bool = False) -> str:
+        """What was converted and what it saves, then each chain's schedule, then what was refused and why.
+
+        ``verbose`` adds the capture details: which modules torch.fx traced,
+        which it could not (with the exception it raised) and each block's
+        residual structure. Recompute is in one unit throughout revify:
+        milliseconds and percent of one forward of the whole model.
+        """
         lines = [f"revify plan — strategy: {self.strategy}"]
         for e in self.errors:
-            lines.append(f"  not converted: {e}")
-        captured = [r for r in self.regions if r.engine != "eager"]
-        eager = [r for r in self.regions if r.engine == "eager"]
-        if self.regions:
-            lines.append(f"  capture: {len(captured)} region(s) traced with fx, {len(eager)} left eager")
-            for r in eager[:6]:
-                lines.append(f"    eager {r.path or '<root>'} ({r.module_type}): {r.reason}")
-            if len(eager) > 6:
-                lines.append(f"    ... {len(eager) - 6} more eager region(s)")
-            for r in captured:
-                if r.residual_adds:
-                    lines.append(f"    fx {r.path or '<root>'} ({r.module_type}): "
-                                 f"{r.residual_adds} residual sub-layer(s) x + f(x) in its graph")
-        if self.budget is not None:
-            b = self.budget
-            extra = f", {b.predicted_recompute_s / b.forward_s:.0%} of a forward" if b.forward_s else ""
-            kind = "peak" if b.budget_for == "peak" else "activations kept for backward"
-            unit, flops = b.recompute_cost, b.predicted_recompute_flops
-            lines.append(f"  budget {format_bytes(b.budget)}: predicted {kind} {format_bytes(b.predicted_peak)}, "
-                         f"recompute {b.predicted_recompute_s * 1e3:.1f} ms{extra}, {format_flops(flops)} "
-                         f"(least {'time' if unit == 'time' else 'FLOPs'}; "
-                         f"smallest feasible {format_bytes(b.smallest_budget)}; predicted from measured block "
-                         "costs and one measured step)")
+            lines.append(f"  not converted: {_first_line(e)}")
+        lines += self._result_lines()
+        forward_s = getattr(self.budget, "forward_s", None)
         for i, cp in enumerate(self.chains):
-            blocks = cp.chain.blocks
-            lines.append(f"  chain {i}: {len(blocks)} × {blocks[0].module_type} in "
-                         f"{cp.chain.parent or '<root>'} ({blocks[0].path} … {blocks[-1].path})")
-            lines.append(f"    structure: {blocks[0].residual} [graph: {blocks[0].engine}]")
-            segs = ", ".join(s.describe() for s in cp.segments)
-            kept = f"; blocks {cp.kept_blocks} keep their activations" if cp.kept_blocks else ""
-            lines.append(f"    checkpoint: {len(cp.segments)} segment(s) [{segs}] ({cp.schedule} schedule){kept}")
-            if cp.stem is not None:
-                first = next(s for s in cp.segments if s.start == 0)
-                lines.append(f"    stem: {cp.stem} is recomputed with segment {first.describe()} "
-                             "instead of that segment keeping its input")
-            if cp.predicted_saved_bytes is not None:
-                lines.append(f"    predicted: keeps {format_bytes(cp.predicted_saved_bytes)} for backward, "
-                             f"recomputes {cp.recompute_fraction:.0%} of its forward")
-            for note in dict.fromkeys(n for b in blocks for n in b.legality.notes):
-                lines.append(f"    note: {note}")
-            groups = cp.chain.side_groups
-            if len(set(groups)) > 1:
-                lines.append(f"    note: blocks receive {len(set(groups))} different sets of side inputs "
-                             f"(pattern {''.join(chr(ord('A') + g) for g in groups)}): each block runs with its "
-                             "own; a segment of several blocks stays within one set")
+            lines += _checkpoint_lines(cp, i, verbose, forward_s)
         for rp in self.reversible:
-            lines += _reversible_lines(rp, len(self.chains) + self.reversible.index(rp))
+            lines += _reversible_lines(rp, len(self.chains) + self.reversible.index(rp), verbose, forward_s)
         for note in self.notes:
             lines.append(f"  note: {note}")
         for rej in self.rejections:
-            lines.append(f"  rejected {rej.where}: {rej.reason}")
-        if not self.planned and not self.errors:
-            lines.append("  no convertible chain of blocks found; module left unchanged")
-        elif not self.converted and not self.errors:
-            lines.append("  every chain keeps its activations: the plan already fits; module left unchanged")
+            lines.append(f"  refused {rej.where}: {_first_line(rej.reason)}")
+        if self.regions:
+            lines += self._capture_lines(verbose)
         return "\n".join(lines)
+
+    def _result_lines(self) -> list[str]:
+        n_chains = len(self.chains) + len(self.reversible)
+        if not self.planned and not self.errors:
+            return ["  converted: nothing — no convertible chain of blocks found; module left unchanged"]
+        if not self.converted and not self.errors:
+            return ["  converted: nothing — every chain keeps its activations (the plan already fits); "
+                    "the module runs as the original"]
+        if self.errors:
+            return []
+        kinds = []
+        checkpointed = sum(len(cp.chain.blocks) - len(cp.kept_blocks) for cp in self.chains)
+        if checkpointed:
+            kinds.append(f"{checkpointed} block(s) checkpointed")
+        if self.reversible:
+            kinds.append(f"{sum(len(rp.chain.blocks) for rp in self.reversible)} block(s) made reversible")
+        total = sum(len(e.chain.blocks) for e in [*self.chains, *self.reversible])
+        lines = [f"  converted: {' and '.join(kinds)}, of {total} in {n_chains} chain(s)"]
+        b = self.budget
+        if b is not None:
+            kind = "step peak" if b.budget_for == "peak" else "activations kept for backward"
+            kept = [e.predicted_saved_bytes for e in [*self.chains, *self.reversible]
+                    if e.predicted_saved_bytes is not None]
+            lines.append(f"  saves (predicted): {kind} {format_bytes(b.predicted_peak)} within the budget "
+                         f"{format_bytes(b.budget)} (smallest feasible {format_bytes(b.smallest_budget)})"
+                         + (f"; the chains keep {format_bytes(sum(kept))} for backward" if kept else ""))
+            share = sum(e.recompute_fraction or 0.0 for e in [*self.chains, *self.reversible])
+            overhead = sum(getattr(e, "predicted_overhead_s", None) or 0.0 for e in self.chains)
+            unit = "least time" if b.recompute_cost == "time" else "least FLOPs"
+            lines.append(f"  costs (predicted): {recompute_words(share, b.forward_s, overhead)}; "
+                         f"{format_flops(b.predicted_recompute_flops)} ({unit})")
+        else:
+            lines.append("  saves: not predicted without the budget planner (revify.report measures it)")
+        return lines
+
+    def _capture_lines(self, verbose: bool) -> list[str]:
+        captured = [r for r in self.regions if r.engine != "eager"]
+        eager = [r for r in self.regions if r.engine == "eager"]
+        lines = [f"  capture: {len(captured)} region(s) traced with fx, {len(eager)} run eagerly"
+                 + ("" if verbose or not eager else " (verbose=True / --verbose lists why)")]
+        if not verbose:
+            return lines
+        for r in eager:
+            lines.append(f"    eager {r.path or '<root>'} ({r.module_type}): {_first_line(r.reason)}")
+        for r in captured:
+            if r.residual_adds:
+                lines.append(f"    fx {r.path or '<root>'} ({r.module_type}): "
+                             f"{r.residual_adds} residual sub-layer(s) x + f(x) in its graph")
+        return lines
 
     def __str__(self) -> str:
         return self.summary()
 
 
-def _reversible_lines(rp: ReversiblePlan, i: int) -> list[str]:
+def _first_line(text: str) -> str:
+    """One line of a reason; exceptions from tracing can run to paragraphs."""
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def recompute_words(share: float, forward_s: float | None, overhead_s: float = 0.0) -> str:
+    """Recompute in revify's one unit: percent and milliseconds of one forward of the whole model."""
+    text = f"recompute {share:.0%} of one model forward"
+    if forward_s:
+        text += f" ({share * forward_s * 1e3:.1f} ms of {forward_s * 1e3:.1f} ms)"
+    if overhead_s:
+        text += f" + {overhead_s * 1e3:.1f} ms checkpoint overhead"
+    return text
+
+
+def _span(a: int, b: int) -> str:
+    return f"block {a}" if a == b else f"blocks {a}-{b}"
+
+
+def _segment_words(s: Segment) -> str:
+    span = _span(s.start, s.end - 1)
+    if s.policy == "recompute":
+        return f"{span} recomputed in backward (only {'its' if s.end - s.start == 1 else 'their'} input kept)"
+    if s.policy == "save_matmuls":
+        return f"{span} recomputed except {'its' if s.end - s.start == 1 else 'their'} matmul outputs (kept)"
+    kept = sum(len(ops) for ops in s.saved_ops or ())
+    elided = sum(len(ops) for ops in s.elided_ops or ())
+    return (f"{span} recomputed, keeping {kept} chosen op output(s)"
+            + (f", {elided} op(s) skipped in the recompute" if elided else ""))
+
+
+def _schedule_words(segments: tuple[Segment, ...]) -> list[str]:
+    """Segments in words; a run of single-block segments of one plain policy is said once."""
+    words: list[str] = []
+    i = 0
+    while i < len(segments):
+        s, j = segments[i], i
+        while (s.end - s.start == 1 and s.policy in ("recompute", "save_matmuls") and j + 1 < len(segments)
+               and segments[j + 1].policy == s.policy and segments[j + 1].start == segments[j].end
+               and segments[j + 1].end - segments[j + 1].start == 1):
+            j += 1
+        if j > i:
+            what = "only its input kept" if s.policy == "recompute" else "its matmul outputs kept"
+            words.append(f"blocks {s.start}-{segments[j].start} each recomputed alone in backward ({what})")
+        else:
+            words.append(_segment_words(s))
+        i = j + 1
+    return words
+
+
+def _kept_words(kept: list[int]) -> str:
+    runs: list[list[int]] = []
+    for i in kept:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    verb = "keeps its" if len(kept) == 1 else "keep their"
+    return ", ".join(_span(a, b) for a, b in runs) + f" {verb} activations"
+
+
+def _checkpoint_lines(cp: ChainPlan, i: int, verbose: bool, forward_s: float | None) -> list[str]:
+    blocks = cp.chain.blocks
+    lines = [f"  chain {i}: {len(blocks)} × {blocks[0].module_type} in "
+             f"{cp.chain.parent or '<root>'} ({blocks[0].path} … {blocks[-1].path})"]
+    words = _schedule_words(cp.segments)
+    if cp.kept_blocks:
+        words.append(_kept_words(cp.kept_blocks))
+    lines.append(f"    schedule ({cp.schedule}): " + "; ".join(words))
+    if cp.stem is not None:
+        first = next(s for s in cp.segments if s.start == 0)
+        lines.append(f"    stem: {cp.stem} is recomputed with {_span(first.start, first.end - 1)} "
+                     "instead of the chain keeping its input")
+    if cp.predicted_saved_bytes is not None:
+        share = cp.recompute_fraction or 0.0
+        lines.append(f"    predicted: keeps {format_bytes(cp.predicted_saved_bytes)} for backward, "
+                     f"{recompute_words(share, forward_s, cp.predicted_overhead_s or 0.0)}")
+    if verbose:
+        lines.append(f"    structure: {blocks[0].residual} [graph: {blocks[0].engine}]")
+    for note in dict.fromkeys(n for b in blocks for n in b.legality.notes):
+        lines.append(f"    note: {note}")
+    groups = cp.chain.side_groups
+    if len(set(groups)) > 1:  # alternating sliding/full attention: segments never mix two masks
+        lines.append(f"    note: blocks receive {len(set(groups))} different sets of side inputs "
+                     f"(pattern {''.join(chr(ord('A') + g) for g in groups)}): each block runs with its "
+                     "own; a segment of several blocks stays within one set")
+    return lines
+
+
+def _reversible_lines(rp: ReversiblePlan, i: int, verbose: bool = False, forward_s: float | None = None) -> list[str]:
     blocks, c = rp.chain.blocks, rp.coupling
     lines = [f"  chain {i}: {len(blocks)} × {blocks[0].module_type} in {rp.chain.parent or '<root>'} "
              f"({blocks[0].path} … {blocks[-1].path})",
-             f"    structure: {blocks[0].residual} [graph: {blocks[0].engine}]",
              f"    reversible: {c.name} (λ={c.lam:g}, β={c.beta:g}, {len(rp.steps)} coupling step(s)"
              + (f", adapters rank {rp.options.adapter_rank}, init {rp.options.adapter_init}"
                 if c.name != "revnet" else ", no adapters") + ")"]
+    if rp.predicted_saved_bytes is not None:
+        lines.append(f"    predicted: keeps {format_bytes(rp.predicted_saved_bytes)} for backward, "
+                     f"{recompute_words(rp.recompute_fraction or 0.0, forward_s)}")
+    if verbose:
+        lines.append(f"    structure: {blocks[0].residual} [graph: {blocks[0].engine}]")
     if rp.step_errors:
         segs = ", ".join(f"{a}-{b - 1} (err {e:.1e})" for a, b, e in rp.segments)
         lines.append(f"    anchors at steps {list(rp.anchors) or 'none'}; reversible segments {segs}; "

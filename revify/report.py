@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from revify.measure import CATEGORIES, ExampleInputs, StepMeasurement, measure_block_times, measure_step
+from revify.measure import CATEGORIES, ExampleInputs, StepMeasurement, measure_step
+from revify.step_timing import PAIRS, PairedTiming, paired_step_times
 from revify.units import format_bytes, format_flops
 
 __all__ = ["MemoryReport", "ChainReport", "BlockMemory", "report", "format_bytes", "default_loss_fn"]
@@ -74,6 +75,7 @@ class ChainReport:
     recompute_s: float | None = None  # measured forward time of the blocks backward recomputes
     recompute_fraction: float | None = None  # recompute_s / measured forward time of the whole model
     recompute_partial: bool = False  # save_matmuls segments recompute less than their blocks' forward
+    recompute_stem: bool = False  # recompute_s includes the chain's stem, rebuilt with the first segment
     reconstruction_error: float | None = None  # reversible: largest measured error of a reconstructed input
     start_error: float | None = None  # reversible: chain output vs the original blocks (eval mode)
 
@@ -108,6 +110,7 @@ class MemoryReport:
     pareto: list[tuple[int, int, float]] = field(default_factory=list)  # planner: (budget, peak, recompute)
     chosen: tuple[int, float] | None = None  # planner: (predicted peak, recompute) of the plan applied
     pareto_unit: str = "time"  # the recompute of ``pareto`` and ``chosen``: "time" (seconds) or "flops"
+    timing: PairedTiming | None = None  # the paired step timing behind step_time_s and the time ratio
     _formulas: dict[str, Any] | None = field(default=None, repr=False)
     _predict: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
     _labels: list[Any] = field(default_factory=list, repr=False)
@@ -118,7 +121,8 @@ class MemoryReport:
         return {
             "saved": _ratio(self.after.saved_bytes, self.before.saved_bytes),
             "peak": _ratio(self.after.peak_bytes, self.before.peak_bytes),
-            "time": _ratio(self.after.step_time_s, self.before.step_time_s),
+            "time": self.timing.ratio if self.timing is not None
+            else _ratio(self.after.step_time_s, self.before.step_time_s),
         }
 
     @property
@@ -184,6 +188,7 @@ class MemoryReport:
             "blocks": [asdict(b) for b in self.blocks],
             "pareto": [list(p) for p in self.pareto], "pareto_unit": self.pareto_unit,
             "chosen": list(self.chosen) if self.chosen else None,
+            "timing": asdict(self.timing) if self.timing is not None else None,
         }
         if self._formulas is not None or self._predict is not None:
             out["formulas"] = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in self.formulas.items()}
@@ -220,6 +225,8 @@ class MemoryReport:
         for row in rows:
             lines.append(f"  {row[0]:<{w0}}  {row[1]:>{wc[0]}}  {row[2]:>{wc[1]}}  {row[3]:>{wc[2]}}")
         lines.append(f"  (saved tensors: {b.saved_tensors} -> {a.saved_tensors})")
+        if self.timing is not None:
+            lines.append(f"  ({self.timing.describe()})")
         lines += self._chain_lines()
         if self._formulas is not None:
             lines.append("memory formulas:")
@@ -227,7 +234,8 @@ class MemoryReport:
         elif self._predict is not None:
             lines.append("memory formulas: report.formula() prints them (fitted on demand from fake-tensor steps)")
         if self.pareto:
-            lines.append("planner Pareto front (PREDICTED): budget -> peak, recompute")
+            what = "recompute ms, checkpoint overhead included" if self.pareto_unit == "time" else "recompute FLOPs"
+            lines.append(f"planner Pareto front (PREDICTED): budget -> peak, {what}")
             for budget, peak, cost in self.pareto:
                 lines.append(f"  {format_bytes(budget):>10} -> {format_bytes(peak):>10}, {self._recompute(cost)}")
         if self.plan_summary:
@@ -250,11 +258,13 @@ class MemoryReport:
                 predicted.append(f"planner {format_bytes(c.planned_saved_bytes)}")
             lines.append(saved + (f" (predicted: {', '.join(predicted)})" if predicted else ""))
             if c.recompute_s is not None and c.recompute_fraction is not None:
-                planned = (f"; planner predicted {c.planned_recompute_fraction:.0%} of the chain's forward"
+                planned = (f"; planner predicted {c.planned_recompute_fraction:.0%}"
                            if c.planned_recompute_fraction is not None else "")
                 bound = "at most " if c.recompute_partial else ""
-                lines.append(f"  recompute: {bound}{_format_time(c.recompute_s)} measured forward of the recomputed "
-                             f"blocks = {bound}{c.recompute_fraction:.0%} of a model forward{planned}")
+                total = f" of {self.forward_s * 1e3:.1f} ms" if self.forward_s else ""
+                lines.append(f"  recompute: {bound}{c.recompute_fraction:.0%} of one model forward "
+                             f"({bound}{c.recompute_s * 1e3:.1f} ms{total}, measured forward of the recomputed "
+                             f"blocks{' and stem' if c.recompute_stem else ''}){planned}")
             if c.reconstruction_error is not None or c.start_error is not None:
                 parts = []
                 if c.reconstruction_error is not None:
@@ -374,11 +384,12 @@ class _Chain:
         return ChainLabel(f"chain {self.index}", self.paths, self.block_type)
 
     def recomputed(self) -> list[str]:
-        """Blocks whose forward backward runs again."""
+        """Modules whose forward backward runs again: the recomputed blocks, and a stem rebuilt with them."""
         if self.kind == "reversible":
             return list(self.paths)
         inside = {i for s in self.entry.segments for i in range(s.start, s.end)}
-        return [p for i, p in enumerate(self.paths) if i in inside]
+        stem = [self.entry.stem] if self.entry.stem else []  # rebuilt with the first segment
+        return stem + [p for i, p in enumerate(self.paths) if i in inside]
 
     def layout(self) -> str:
         e = self.entry
@@ -450,7 +461,8 @@ def build_report(before: StepMeasurement, after: StepMeasurement, rmodel: Any, *
             planned_peak_bytes=getattr(e, "predicted_peak_bytes", None),
             planned_recompute_fraction=getattr(e, "recompute_fraction", None),
             forward_s=fwd, recompute_s=rec, recompute_fraction=frac, reconstruction_error=err, start_error=start,
-            recompute_partial=ch.kind == "checkpoint" and any(s.policy != "recompute" for s in e.segments)))
+            recompute_partial=ch.kind == "checkpoint" and any(s.policy != "recompute" for s in e.segments),
+            recompute_stem=ch.kind == "checkpoint" and e.stem is not None))
     pareto, chosen, pareto_unit = _pareto(rmodel)
     rep = MemoryReport(before=before, after=after, plan_summary=_plan_summary(rmodel), notes=notes,
                        device=device, chains=rows, blocks=blocks, estimated=estimated,
@@ -483,7 +495,7 @@ def report(
     example_inputs: ExampleInputs,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     *,
-    repeats: int = 3,
+    repeats: int = PAIRS,
     device: str | None = None,
     formulas: bool | None = None,
     dtype: str = "fp32",
@@ -494,7 +506,9 @@ def report(
     ``dtype="bf16"`` or ``"fp16"`` runs each forward under ``torch.autocast``
     on that device (weights as they are; loss and backward outside autocast,
     as PyTorch's AMP recipe has it); ``"fp32"`` (default) uses no autocast.
-    ``device="meta"`` estimates instead, on fake tensors (nothing allocated,
+    Step times: both models warmed up, then ``repeats`` alternating pairs of
+    steps (``revify.step_timing``); the ratio is the median of the pairs'
+    ratios, printed with its spread. ``device="meta"`` estimates instead, on fake tensors (nothing allocated,
     nothing timed): for models built on the meta device or too big to run.
     ``formulas``: None fits the B/S formulas on first use (``formula()``,
     ``max_batch()``, ``to_json()``), True now, False never.
@@ -516,12 +530,22 @@ def report(
             return report(model, rmodel, example_inputs, fn, repeats=repeats, formulas=formulas)
     chains = _chains(rmodel)
     paths = [p for c in chains for p in c.paths]
-    before = measure_step(model, example_inputs, fn, repeats=repeats, block_paths=paths)
-    after = measure_step(rmodel, example_inputs, fn, repeats=repeats, block_paths=paths)
-    forward = measure_block_times(model, example_inputs, paths, repeats=repeats) if chains else None
+    # memory of each (its step doubles as a first warm-up), then both timed in alternating pairs
+    before = measure_step(model, example_inputs, fn, repeats=1, warmup=0, block_paths=paths)
+    after = measure_step(rmodel, example_inputs, fn, repeats=1, warmup=0, block_paths=paths)
+    timing = paired_step_times(model, rmodel, example_inputs, fn, pairs=repeats)
+    before, after = replace(before, step_time_s=timing.before_s), replace(after, step_time_s=timing.after_s)
+    forward = None
+    if chains:  # the unit of recompute, measured as the planner measures it (passes/recompute_share)
+        from revify.passes.recompute_share import measure_model_forward
+
+        measured = measure_model_forward(model, example_inputs, [p for c in chains for p in c.recomputed()] + paths)
+        forward = (measured.total_s, measured.per_module)
     notes: list[str] = []
     if before.saved_bytes and after.saved_bytes > before.saved_bytes:
         notes.append("revified model saves MORE for backward than the original")
     predict = None if formulas is False else formula_predictor(model, rmodel, example_inputs, fn, paths)
-    return build_report(before, after, rmodel, device=_device_of(model), estimated=False, notes=notes,
-                        predict=predict, eager_formulas=bool(formulas), forward=forward)
+    rep = build_report(before, after, rmodel, device=_device_of(model), estimated=False, notes=notes,
+                       predict=predict, eager_formulas=bool(formulas), forward=forward)
+    rep.timing = timing
+    return rep

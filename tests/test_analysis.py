@@ -124,7 +124,7 @@ def _inspect(model, x):
 
 def test_chain_found_and_segmented():
     buf = io.StringIO()
-    plan = revify.inspect(Stack(Plain, n=9), (torch.randn(2, 8),), file=buf, schedule="sqrt(n)")
+    plan = revify.inspect(Stack(Plain, n=9), (torch.randn(2, 8),), file=buf, schedule="sqrt(n)", verbose=True)
     text = buf.getvalue()
     assert len(plan.chains) == 1
     assert [(s.start, s.end) for s in plan.chains[0].segments] == [(0, 3), (3, 6), (6, 9)]
