@@ -121,6 +121,11 @@ class TensorSpec:
         shape = tuple(t.shape)
         if t.is_floating_point():
             return cls(shape, dtype, "randn")
+        from torch._subclasses.fake_tensor import is_fake
+
+        if t.is_meta or is_fake(t):  # revify.estimate's inputs: integer values unknown, nothing to record
+            raise ValueError("cannot record the values of an integer example input on the meta device or "
+                             "a fake tensor")
         flat = t.detach().cpu().reshape(-1)
         if flat.numel() and bool((flat == flat[0]).all()):
             return cls(shape, dtype, "full", value=flat[0].item())

@@ -18,7 +18,7 @@ from zoo import ZooCase, _logits_loss
 
 def _summary(model: nn.Module, inputs, coupling: str) -> str:
     rmodel = revify.revify(model, inputs, strategy="reversible", coupling=coupling)
-    return rmodel.revify_plan.summary()
+    return rmodel.revify_plan.summary(verbose=True)  # refusals and, for the cast test, each block's structure
 
 
 class _DenseLayer(nn.Module):
