@@ -16,7 +16,7 @@ w = 32, S = 4096 they must agree with part 1 within 5%.
 
 The inputs are token ids without an attention mask. On fake tensors transformers would build the causal
 mask that a real run leaves to SDPA's ``is_causal`` (it cannot read the position ids);
-``revify/passes/fake_transformers.py`` makes it take the real run's path, so both parts agree exactly.
+``revify/passes/prediction/fake_transformers.py`` makes it take the real run's path, so both parts agree exactly.
 """
 from __future__ import annotations
 

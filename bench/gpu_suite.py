@@ -74,12 +74,12 @@ from revify.api import analyse_model
 from revify.device_step import (PairedTimes, measure_peak, paired_step_times, precision, to_device, train_step,
                                  with_precision)
 from revify.measure import measure_saved_bytes, parameter_bytes
-from revify.passes.plan_budget import build_problem, checkpoint_plans, schedule_path
-from revify.passes.plan_checkpoint import plan_checkpoint
-from revify.passes.profile_blocks import profile_chains
-from revify.passes.profile_step import profile_step
-from revify.passes.rewrite_checkpoint import rewrite_checkpoint
-from revify.passes.solve_schedule import min_budget, path_peak, solve_within
+from revify.passes.planning.plan_budget import build_problem, checkpoint_plans, schedule_path
+from revify.passes.planning.plan_checkpoint import plan_checkpoint
+from revify.passes.planning.profile_blocks import profile_chains
+from revify.passes.planning.profile_step import profile_step
+from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
+from revify.passes.planning.solve_schedule import min_budget, path_peak, solve_within
 from revify.units import format_bytes
 
 EAGER_ROWS = ("plain", "hf", "perblock", "budget-min", "budget-hf", "budget-mid", "flops", "stored", "meft1", "meft3")

@@ -56,13 +56,13 @@ import revify
 from revify.api import analyse_model
 from revify.device_step import DTYPES, paired_step_times, precision, with_precision
 from revify.measure import measure_saved_bytes, measure_training_memory
-from revify.passes.plan_budget import build_problem, checkpoint_plans, recompute_of, schedule_path
-from revify.passes.plan_checkpoint import plan_checkpoint
-from revify.passes.profile_blocks import profile_chains
-from revify.passes.profile_step import profile_step
-from revify.passes.record_calls import call_model
-from revify.passes.rewrite_checkpoint import rewrite_checkpoint
-from revify.passes.solve_schedule import min_budget, path_peak, solve_within
+from revify.passes.planning.plan_budget import build_problem, checkpoint_plans, recompute_of, schedule_path
+from revify.passes.planning.plan_checkpoint import plan_checkpoint
+from revify.passes.planning.profile_blocks import profile_chains
+from revify.passes.planning.profile_step import profile_step
+from revify.passes.capture.record_calls import call_model
+from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
+from revify.passes.planning.solve_schedule import min_budget, path_peak, solve_within
 from revify.report import default_loss_fn
 from revify.units import format_bytes
 

@@ -15,18 +15,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from revify.passes.calibrate_reversible import calibrate_reversible
-from revify.passes.capture import capture_regions
-from revify.passes.chain_costs import Pricing
-from revify.passes.find_chains import find_chains
-from revify.passes.find_list_inputs import find_list_inputs
-from revify.passes.find_stem import find_stems
-from revify.passes.plan_budget import BudgetError, plan_budget
-from revify.passes.plan_checkpoint import SCHEDULES, plan_checkpoint
-from revify.passes.plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
-from revify.passes.record_calls import CallTrace, call_model, record_calls  # noqa: F401  (call_model: tests)
-from revify.passes.rewrite_checkpoint import rewrite_checkpoint, share_structure
-from revify.passes.rewrite_reversible import rewrite_reversible
+from revify.passes.rewrite.calibrate_reversible import calibrate_reversible
+from revify.passes.capture.capture import capture_regions
+from revify.passes.planning.chain_costs import Pricing
+from revify.passes.analysis.find_chains import find_chains
+from revify.passes.analysis.find_list_inputs import find_list_inputs
+from revify.passes.analysis.find_stem import find_stems
+from revify.passes.planning.plan_budget import BudgetError, plan_budget
+from revify.passes.planning.plan_checkpoint import SCHEDULES, plan_checkpoint
+from revify.passes.planning.plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
+from revify.passes.capture.record_calls import CallTrace, call_model, record_calls  # noqa: F401  (call_model: tests)
+from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint, share_structure
+from revify.passes.rewrite.rewrite_reversible import rewrite_reversible
 from revify.plan import Plan
 from revify.runtime.reversible_chain import stored_activations  # noqa: F401  (public)
 from revify.runtime.training_cache import analysing_without_cache, install_no_cache

@@ -176,8 +176,8 @@ def _conversion_options(args) -> dict:
     Validated before any slow work.
     """
     from revify import api
-    from revify.passes.plan_checkpoint import SCHEDULES
-    from revify.passes.plan_reversible import ReversibleOptions
+    from revify.passes.planning.plan_checkpoint import SCHEDULES
+    from revify.passes.planning.plan_reversible import ReversibleOptions
     from revify.units import parse_bytes
 
     accepted = pyinspect.signature(api.revify).parameters

@@ -38,9 +38,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from revify.measure import MemoryProfile, measure_training_memory, profile_to_measurement
-from revify.passes.fake_copy import fake_copy, fake_inputs, new_fake_mode
-from revify.passes.fake_transformers import real_mask_path
-from revify.passes.predict_memory import MemoryFormula, fit_memory
+from revify.passes.prediction.fake_copy import fake_copy, fake_inputs, new_fake_mode
+from revify.passes.prediction.fake_transformers import real_mask_path
+from revify.passes.prediction.predict_memory import MemoryFormula, fit_memory
 from revify.report import MemoryReport, _chains, build_report, default_loss_fn, formula_predictor
 
 __all__ = ["estimate", "estimate_report", "fit_scaled"]

@@ -84,7 +84,7 @@ def predicted_step_bytes(model: nn.Module, spec: InputSpec, device: str | torch.
     """Parameters plus the peak of one training step of ``model`` on ``spec``, on fake tensors (None: the
     fake run failed, e.g. data-dependent control flow; then only the inputs are checked)."""
     from revify.estimate import _measure
-    from revify.passes.fake_copy import fake_copy, fake_inputs, new_fake_mode
+    from revify.passes.prediction.fake_copy import fake_copy, fake_inputs, new_fake_mode
     from revify.report import default_loss_fn
 
     mode = new_fake_mode()

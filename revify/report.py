@@ -12,7 +12,7 @@ such: formulas in the batch size B and the sequence length (or image side)
 S for the saved and peak bytes before and after conversion
 (``report.formula()``, ``report.max_batch("24GiB", seq_len=...)``), fitted
 exactly from runs of the same code on fake tensors
-(:mod:`revify.passes.predict_memory`), and the budget planner's predictions
+(:mod:`revify.passes.prediction.predict_memory`), and the budget planner's predictions
 when the plan has them. ``report(..., device="meta")`` measures both models
 on fake tensors only: for models too big to run (see :mod:`revify.estimate`).
 """
@@ -380,7 +380,7 @@ class _Chain:
     block_type: str
 
     def label(self) -> Any:
-        from revify.passes.predict_memory import ChainLabel
+        from revify.passes.prediction.predict_memory import ChainLabel
         return ChainLabel(f"chain {self.index}", self.paths, self.block_type)
 
     def recomputed(self) -> list[str]:
@@ -477,7 +477,7 @@ def formula_predictor(model: Any, rmodel: Any, example_inputs: Any, loss_fn: Cal
                       paths: list[str]) -> Callable[[], dict[str, Any]]:
     """A function fitting the before/after formulas (a failure is recorded, not raised)."""
     def predict() -> dict[str, Any]:
-        from revify.passes.predict_memory import predict_memory
+        from revify.passes.prediction.predict_memory import predict_memory
         out: dict[str, Any] = {}
         for which, m in (("before", model), ("after", rmodel)):
             try:
@@ -536,8 +536,8 @@ def report(
     timing = paired_step_times(model, rmodel, example_inputs, fn, pairs=repeats)
     before, after = replace(before, step_time_s=timing.before_s), replace(after, step_time_s=timing.after_s)
     forward = None
-    if chains:  # the unit of recompute, measured as the planner measures it (passes/recompute_share)
-        from revify.passes.recompute_share import measure_model_forward
+    if chains:  # the unit of recompute, measured as the planner measures it (passes/planning/recompute_share)
+        from revify.passes.planning.recompute_share import measure_model_forward
 
         measured = measure_model_forward(model, example_inputs, [p for c in chains for p in c.recomputed()] + paths)
         forward = (measured.total_s, measured.per_module)

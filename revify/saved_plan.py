@@ -30,10 +30,10 @@ from typing import Any
 from torch import nn
 
 from revify.api import STRATEGIES, analyse_model
-from revify.passes.find_chains import Chain, ChainAnalysis
-from revify.passes.plan_checkpoint import ChainPlan, Segment
-from revify.passes.plan_reversible import COUPLINGS, ReversibleOptions, ReversiblePlan
-from revify.passes.record_calls import CallTrace
+from revify.passes.analysis.find_chains import Chain, ChainAnalysis
+from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
+from revify.passes.planning.plan_reversible import COUPLINGS, ReversibleOptions, ReversiblePlan
+from revify.passes.capture.record_calls import CallTrace
 from revify.plan import Plan
 from revify.runtime.reversible_chain import Coupling
 

@@ -40,8 +40,8 @@ from typing import Any
 
 from torch import nn
 
-from revify.passes.plan_checkpoint import ChainPlan
-from revify.passes.save_ops_menu import replay
+from revify.passes.planning.plan_checkpoint import ChainPlan
+from revify.passes.planning.save_ops_menu import replay
 from revify.plan import Plan
 from revify.runtime.checkpoint_segment import op_digest
 from revify.saved_plan import PlanMismatchError
@@ -67,7 +67,7 @@ def _check_segments(cp: ChainPlan) -> None:
 
 
 def _profile(model: nn.Module, cp: ChainPlan) -> Any:
-    from revify.passes.profile_blocks import profile_chains
+    from revify.passes.planning.profile_blocks import profile_chains
 
     (prof,) = profile_chains(model, [cp.chain], repeats=1)
     return prof.blocks

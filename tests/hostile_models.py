@@ -76,10 +76,10 @@ def elided_folder(dst: Path) -> None:
     and elides what that makes dead, and save it to ``dst``."""
     from revify import save
     from revify.api import analyse_model, convert
-    from revify.passes.chain_costs import Pricing, save_ops_plan
-    from revify.passes.plan_checkpoint import ChainPlan, Segment
-    from revify.passes.profile_blocks import profile_chains
-    from revify.passes.save_ops_menu import save_ops_menu
+    from revify.passes.planning.chain_costs import Pricing, save_ops_plan
+    from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
+    from revify.passes.planning.profile_blocks import profile_chains
+    from revify.passes.planning.save_ops_menu import save_ops_menu
 
     model, inputs = net().train(), example_inputs()
     plan, trace, analysis = analyse_model(model, inputs, "checkpoint")

@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 import revify
-from revify.passes.find_residual_blocks import find_residual_sublayers, residual_spine
+from revify.passes.analysis.find_residual_blocks import find_residual_sublayers, residual_spine
 
 
 def _spine(fn_module):

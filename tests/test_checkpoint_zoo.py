@@ -122,10 +122,10 @@ def test_per_block_and_selective_segments_are_exact(name):
     from dataclasses import replace
 
     from revify.api import _analyse, convert
-    from revify.passes.chain_costs import SaveOpsMenus, save_ops_plan
-    from revify.passes.save_ops_menu import ALL_STEPS
-    from revify.passes.plan_checkpoint import Segment
-    from revify.passes.profile_blocks import profile_chains
+    from revify.passes.planning.chain_costs import SaveOpsMenus, save_ops_plan
+    from revify.passes.planning.save_ops_menu import ALL_STEPS
+    from revify.passes.planning.plan_checkpoint import Segment
+    from revify.passes.planning.profile_blocks import profile_chains
 
     results = {}
     for policy in ("recompute", "save_matmuls", "save_ops:all", "save_ops:some"):

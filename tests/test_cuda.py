@@ -25,10 +25,10 @@ import torch
 import revify
 from revify.api import analyse_model
 from revify.device_step import measure_peak, to_device, train_step as plain_step
-from revify.passes.chain_costs import Pricing, SaveOpsMenus, save_ops_plan
-from revify.passes.plan_checkpoint import ChainPlan, Segment
-from revify.passes.profile_blocks import profile_chains
-from revify.passes.rewrite_checkpoint import rewrite_checkpoint
+from revify.passes.planning.chain_costs import Pricing, SaveOpsMenus, save_ops_plan
+from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
+from revify.passes.planning.profile_blocks import profile_chains
+from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
 from zoo import ALL_CASES, MLPResNet, ZooCase, _logits_loss, train_step
 
 ON_CPU = os.environ.get("REVIFY_CUDA_TESTS_ON_CPU", "") not in ("", "0")

@@ -46,7 +46,7 @@ def test_fake_estimate_matches_real_measurement(strategy, options, mask):
     """Same small config, same inputs: revify's pipeline and the step on fake tensors vs real tensors.
 
     Without an attention mask, transformers would build a causal mask on fake tensors that a real run
-    leaves to SDPA (``passes/fake_transformers.py``); the figures must still agree.
+    leaves to SDPA (``passes/prediction/fake_transformers.py``); the figures must still agree.
     """
     inputs = padded_text(2, 16) if mask else {"input_ids": padded_text(2, 16)["input_ids"]}
     rmodel = revify.revify(llama(), inputs, strategy, **options)
@@ -130,8 +130,8 @@ def test_estimate_refuses_what_fake_tensors_cannot_plan():
 def test_mask_shim_is_scoped_to_fake_tensors_and_derived_position_ids():
     import transformers.masking_utils as masking
 
-    from revify.passes.fake_copy import new_fake_mode
-    from revify.passes.fake_transformers import real_mask_path
+    from revify.passes.prediction.fake_copy import new_fake_mode
+    from revify.passes.prediction.fake_transformers import real_mask_path
 
     original = masking.find_packed_sequence_indices
     packed = torch.tensor([[0, 1, 2, 0, 1]])  # two sequences in one row

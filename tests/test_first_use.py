@@ -61,13 +61,13 @@ def test_recompute_share_of_a_plan_is_within_one_forward_as_printed(name):
 def test_recompute_share_of_the_same_plan_agrees_across_two_profiles(name):
     """Every block checkpointed alone (the most a checkpoint plan recomputes), priced from two profiles."""
     from revify.api import analyse_model
-    from revify.passes.plan_budget import build_problem, recompute_of, schedule_path
-    from revify.passes.plan_checkpoint import plan_checkpoint
-    from revify.passes.profile_blocks import profile_chains
-    from revify.passes.profile_step import profile_step
-    from revify.passes.recompute_share import (chain_paths, measure_model_forward, recompute_share,
+    from revify.passes.planning.plan_budget import build_problem, recompute_of, schedule_path
+    from revify.passes.planning.plan_checkpoint import plan_checkpoint
+    from revify.passes.planning.profile_blocks import profile_chains
+    from revify.passes.planning.profile_step import profile_step
+    from revify.passes.planning.recompute_share import (chain_paths, measure_model_forward, recompute_share,
                                                   segment_overhead_s)
-    from revify.passes.rewrite_checkpoint import rewrite_checkpoint
+    from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
 
     case = getattr(zoo, name)()
     # a batch of 8 × 64 tokens, padded: blocks of about a millisecond, so that timing noise of a busy

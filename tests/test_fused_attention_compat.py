@@ -10,7 +10,7 @@ the FLOP counting with the kernels' own schemas.
 import pytest
 import torch
 
-from revify.passes.count_flops import _count, flop_counter, op_flops
+from revify.passes.planning.count_flops import _count, flop_counter, op_flops
 from revify.runtime.checkpoint_segment import draws_random, saves_under_save_matmuls
 
 aten = torch.ops.aten

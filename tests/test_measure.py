@@ -162,7 +162,7 @@ def test_saved_bytes_are_attributed_to_the_block_that_saved_them() -> None:
 
 def test_peak_split_by_category_is_the_same_on_fake_tensors() -> None:
     from revify.measure import measure_training_memory
-    from revify.passes.fake_copy import fake_copy, fake_inputs, new_fake_mode
+    from revify.passes.prediction.fake_copy import fake_copy, fake_inputs, new_fake_mode
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))

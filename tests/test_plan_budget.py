@@ -13,14 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 import revify
 from revify.api import analyse_model
 from revify.measure import measure_memory
-from revify.passes.chain_costs import POLICY_OPTIONS
-from revify.passes.plan_budget import build_problem, checkpoint_plans, recompute_of, schedule_path
-from revify.passes.plan_checkpoint import ChainPlan, Segment, plan_checkpoint
-from revify.passes.profile_blocks import profile_chains
-from revify.passes.profile_step import profile_step
-from revify.passes.record_calls import call_model
-from revify.passes.rewrite_checkpoint import rewrite_checkpoint
-from revify.passes.solve_schedule import min_budget, path_peak, rounding_slack, solve, solve_within
+from revify.passes.planning.chain_costs import POLICY_OPTIONS
+from revify.passes.planning.plan_budget import build_problem, checkpoint_plans, recompute_of, schedule_path
+from revify.passes.planning.plan_checkpoint import ChainPlan, Segment, plan_checkpoint
+from revify.passes.planning.profile_blocks import profile_chains
+from revify.passes.planning.profile_step import profile_step
+from revify.passes.capture.record_calls import call_model
+from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
+from revify.passes.planning.solve_schedule import min_budget, path_peak, rounding_slack, solve, solve_within
 from zoo import ALL_CASES, MLPResNet, PreLNTransformer, ZooCase, _logits_loss, train_step
 
 
@@ -182,9 +182,9 @@ def test_reversible_option_counts_the_flops_its_backward_recomputes(coupling):
     """The reversible option's FLOPs are the blocks' forward plus the adapters'. On an MLP-ResNet every
     recomputed op is an ``addmm`` (a Linear with bias) and plain autograd's backward runs none (its
     gradients are ``mm``), so the ``addmm`` FLOPs of the converted model's backward are its recompute."""
-    from revify.passes.chain_costs import ChainBases, chain_options
-    from revify.passes.plan_budget import _reversible_cost
-    from revify.passes.plan_reversible import ReversibleOptions
+    from revify.passes.planning.chain_costs import ChainBases, chain_options
+    from revify.passes.planning.plan_budget import _reversible_cost
+    from revify.passes.planning.plan_reversible import ReversibleOptions
 
     torch.manual_seed(0)
     model = MLPResNet(dim=64, n_blocks=6).train()
@@ -261,9 +261,9 @@ def test_save_ops_plans_keep_what_was_predicted_and_stay_exact():
 
 def test_save_ops_thresholds_split_the_savable_bytes():
     """Without a dataflow the menu is the old knapsack order: single ops by recompute per byte."""
-    from revify.passes.chain_costs import SaveOpsMenus
-    from revify.passes.save_ops_menu import ALL_STEPS
-    from revify.passes.profile_blocks import BlockCost, OpCost
+    from revify.passes.planning.chain_costs import SaveOpsMenus
+    from revify.passes.planning.save_ops_menu import ALL_STEPS
+    from revify.passes.planning.profile_blocks import BlockCost, OpCost
 
     ops = tuple(OpCost(k, f"aten.op{k}.default", 1000 * (k + 1), 1e-3 / (k + 1) ** 2, savable=k % 5 != 4)
                 for k in range(20))

@@ -8,9 +8,9 @@ import torch
 import revify
 import zoo
 from revify.measure import measure_training_memory
-from revify.passes.fit_polynomial import NotPolynomial, fit_polynomials
-from revify.passes.predict_memory import ChainLabel, pretty, predict_memory
-from revify.passes.symbolic_inputs import find_input_symbols
+from revify.passes.prediction.fit_polynomial import NotPolynomial, fit_polynomials
+from revify.passes.prediction.predict_memory import ChainLabel, pretty, predict_memory
+from revify.passes.prediction.symbolic_inputs import find_input_symbols
 
 
 def real_tensor(example: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

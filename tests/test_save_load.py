@@ -149,8 +149,8 @@ def test_tied_weights_are_stored_once_and_plain_transformers_reads_the_folder(tm
 def test_a_plan_mixing_checkpoint_and_reversible_chains_round_trips(tmp_path):
     # what the budget planner produces with strategy="auto": both kinds of chain in one plan
     from revify.api import analyse_model, convert
-    from revify.passes.plan_checkpoint import plan_checkpoint
-    from revify.passes.plan_reversible import ReversibleOptions, plan_reversible
+    from revify.passes.planning.plan_checkpoint import plan_checkpoint
+    from revify.passes.planning.plan_reversible import ReversibleOptions, plan_reversible
     from zoo import CNNResNet
 
     case = ALL_CASES["cnn_resnet"]()
@@ -182,10 +182,10 @@ def test_selective_segments_round_trip_with_their_op_lists(tmp_path):
     from dataclasses import replace
 
     from revify.api import analyse_model, convert
-    from revify.passes.chain_costs import save_ops_plan
-    from revify.passes.save_ops_menu import ALL_STEPS
-    from revify.passes.plan_checkpoint import Segment, plan_checkpoint
-    from revify.passes.profile_blocks import profile_chains
+    from revify.passes.planning.chain_costs import save_ops_plan
+    from revify.passes.planning.save_ops_menu import ALL_STEPS
+    from revify.passes.planning.plan_checkpoint import Segment, plan_checkpoint
+    from revify.passes.planning.profile_blocks import profile_chains
 
     case = ALL_CASES["mlp_resnet"]()
     plan, trace, analysis = analyse_model(case.model, case.example_inputs, "checkpoint")

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from revify.api import analyse_model
-from revify.passes.chain_costs import Pricing, SaveOpsMenus, save_ops_plan
-from revify.passes.plan_checkpoint import ChainPlan, Segment
-from revify.passes.profile_blocks import profile_chains
-from revify.passes.rewrite_checkpoint import rewrite_checkpoint
-from revify.passes.save_ops_menu import replay, save_ops_menu
+from revify.passes.planning.chain_costs import Pricing, SaveOpsMenus, save_ops_plan
+from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
+from revify.passes.planning.profile_blocks import profile_chains
+from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
+from revify.passes.planning.save_ops_menu import replay, save_ops_menu
 from test_plan_budget import _backward_flops, _planner_profile
 from zoo import ALL_CASES, ZooCase, _logits_loss, train_step
 
@@ -126,8 +126,8 @@ def test_elision_lowers_the_least_flops_on_a_parallel_residual_transformer():
     """GPT-NeoX (parallel attention and MLP): at every budget of a sweep the least-FLOPs plan with
     elision recomputes no more than without it, and less at some; the plans recompute exactly the
     FLOPs they predict, with the original gradients (dropout on)."""
-    from revify.passes.plan_budget import build_problem, checkpoint_plans, recompute_of
-    from revify.passes.solve_schedule import min_budget, solve
+    from revify.passes.planning.plan_budget import build_problem, checkpoint_plans, recompute_of
+    from revify.passes.planning.solve_schedule import min_budget, solve
 
     def loss_fn(out):
         return out.logits.float().pow(2).mean()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from revify.passes.solve_schedule import Option, Problem, min_budget, path_peak, pareto, solve, solve_within
+from revify.passes.planning.solve_schedule import Option, Problem, min_budget, path_peak, pareto, solve, solve_within
 
 
 @st.composite

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revify.passes.find_chains import find_chains
-from revify.passes.record_calls import fed_tensor, get_slot, record_calls, set_slot
-from revify.passes.split_sublayers import SplitError, split_block
+from revify.passes.analysis.find_chains import find_chains
+from revify.passes.capture.record_calls import fed_tensor, get_slot, record_calls, set_slot
+from revify.passes.rewrite.split_sublayers import SplitError, split_block
 from zoo import ALL_CASES
 
 TWO_SUBLAYER_MODELS = ["pre_ln_transformer", "bert", "roberta", "gpt2", "opt", "llama", "vit"]

@@ -9,12 +9,12 @@ import torch
 import revify
 from revify.api import analyse_model
 from revify.measure import measure_memory, measure_training_memory
-from revify.passes.chain_costs import Pricing, SaveOpsMenus, save_ops_plan
-from revify.passes.plan_budget import build_problem, checkpoint_plans, schedule_path
-from revify.passes.plan_checkpoint import ChainPlan, Segment
-from revify.passes.profile_blocks import profile_chains
-from revify.passes.rewrite_checkpoint import rewrite_checkpoint
-from revify.passes.solve_schedule import min_budget, path_peak
+from revify.passes.planning.chain_costs import Pricing, SaveOpsMenus, save_ops_plan
+from revify.passes.planning.plan_budget import build_problem, checkpoint_plans, schedule_path
+from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
+from revify.passes.planning.profile_blocks import profile_chains
+from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
+from revify.passes.planning.solve_schedule import min_budget, path_peak
 from revify.checkpoint_io import CheckpointError
 from test_plan_budget import _backward_flops, _planner_profile
 from zoo import ALL_CASES, EmbeddedTransformer, ZooCase, _logits_loss, train_step

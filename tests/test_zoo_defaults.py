@@ -171,7 +171,7 @@ def test_alternating_layer_types_form_one_chain_with_segments_per_side_input():
 def test_planner_profiles_each_kind_of_block_once_with_its_own_side_inputs():
     """Gemma 2 alternates two masks: two profiles, each block priced with the one of its own kind."""
     from revify.api import analyse_model
-    from revify.passes import profile_blocks
+    from revify.passes.planning import profile_blocks
 
     torch.manual_seed(0)
     model = FAMILIES["gemma2"]().train()

@@ -31,7 +31,7 @@ class ZooCase:
 
 def train_step(model: nn.Module, case: ZooCase, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One seeded forward and backward; returns (output, loss, gradients) and clears the gradients."""
-    from revify.passes.record_calls import call_model
+    from revify.passes.capture.record_calls import call_model
     torch.manual_seed(seed)
     out = call_model(model, case.example_inputs)
     loss = case.loss_fn(out)

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import torch
 
-from revify.passes.record_calls import _describe
+from revify.passes.capture.record_calls import _describe
 
 
 def _where(key: tuple[str, Any]) -> str:

@@ -40,7 +40,7 @@ from torch.utils.checkpoint import (SAC_IGNORED_OPS, CheckpointPolicy, checkpoin
 
 import functools
 
-from revify.passes.record_calls import fed_tensor, get_slot, set_slot, side_signature
+from revify.passes.capture.record_calls import fed_tensor, get_slot, set_slot, side_signature
 
 from .argument_check import runtime_refusal, warn_plain
 
@@ -258,7 +258,7 @@ class SaveListedOps:
     which block runs (``enter``).
 
     ``elided_ops`` (same form) are ops the recompute skips
-    (``passes/save_ops_menu``): the forward records the shapes of their
+    (``passes/planning/save_ops_menu``): the forward records the shapes of their
     outputs, and ``_ElideDeadOps`` hands back uninitialised tensors of those
     shapes in recompute. Which ops are dead depends on the whole block's
     dataflow, so a block elides only when its forward ran exactly the op

@@ -1,7 +1,7 @@
 """Runtime: recompute a chain's stem with its first segment instead of keeping the stem's output.
 
 A checkpoint segment keeps its input until backward. For a chain's first
-segment that input is the stem's output (``passes/find_stem``: BERT's
+segment that input is the stem's output (``passes/analysis/find_stem``: BERT's
 embeddings), and the stem keeps its own saved tensors besides (LayerNorm
 input, dropout mask). Installed as the stem module's ``forward``, a
 ``CheckpointStem``:
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from revify.passes.record_calls import fed_tensor
+from revify.passes.capture.record_calls import fed_tensor
 
 from .argument_check import runtime_refusal
 from .checkpoint_segment import (RngStates, _checkpoint, _has_forward_hooks, is_fed, opaque_to_dynamo,

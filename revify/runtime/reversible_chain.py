@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from revify.passes.record_calls import get_slot, set_slot, side_signature
+from revify.passes.capture.record_calls import get_slot, set_slot, side_signature
 from revify.runtime.checkpoint_segment import is_fed, opaque_to_dynamo, reshard_fsdp, unshard_fsdp
 
 

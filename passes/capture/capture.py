@@ -32,8 +32,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .find_residual_blocks import find_residual_sublayers
-from .record_calls import CallRecord, CallTrace, get_slot, set_slot
+from revify.passes.analysis.find_residual_blocks import find_residual_sublayers
+from revify.passes.capture.record_calls import CallRecord, CallTrace, get_slot, set_slot
 
 
 @dataclass(frozen=True)

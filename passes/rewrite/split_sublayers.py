@@ -43,9 +43,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .capture import _first_output_leaf
-from .find_residual_blocks import Sublayer, _op_name, residual_spine
-from .record_calls import get_slot, set_slot
+from revify.passes.capture.capture import _first_output_leaf
+from revify.passes.analysis.find_residual_blocks import Sublayer, _op_name, residual_spine
+from revify.passes.capture.record_calls import get_slot, set_slot
 
 
 class SplitError(Exception):

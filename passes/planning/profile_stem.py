@@ -41,9 +41,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from revify.measure import LiveStorageTracker, _storage_key
 from revify.runtime.checkpoint_segment import _checkpoint
 
-from .count_flops import flop_counter
-from .find_stem import StemInfo
-from .record_calls import fed_tensor
+from revify.passes.planning.count_flops import flop_counter
+from revify.passes.analysis.find_stem import StemInfo
+from revify.passes.capture.record_calls import fed_tensor
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,10 @@ from torch.utils._pytree import tree_flatten
 
 from revify.runtime.reversible_chain import Probe, ReversibleChain, relative_error, stored_activations
 
-from .find_chains import Rejection
-from .plan_reversible import ReversiblePlan
-from .record_calls import call_model, get_slot, set_slot
-from .rewrite_reversible import drop_adapters
+from revify.passes.analysis.find_chains import Rejection
+from revify.passes.planning.plan_reversible import ReversiblePlan
+from revify.passes.capture.record_calls import call_model, get_slot, set_slot
+from revify.passes.rewrite.rewrite_reversible import drop_adapters
 
 DRAWS = 3  # dropout / drop-path draws calibrated on, for a model with random ops
 GRADIENT_MARGIN = 4  # gradient error aimed at, as a fraction of ``tolerance``: fresh draws vary

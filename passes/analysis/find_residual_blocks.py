@@ -31,7 +31,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .dataflow_graph import dataflow_graph, hidden_subgraph
+from revify.passes.capture.dataflow_graph import dataflow_graph, hidden_subgraph
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_,
                 torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}

@@ -49,10 +49,10 @@ from torch.utils._pytree import tree_leaves
 from revify.measure import CATEGORIES, MemoryProfile, measure_training_memory
 from revify.units import format_bytes, parse_bytes
 
-from .fake_copy import fake_copy, new_fake_mode
-from .fake_transformers import real_mask_path
-from .fit_polynomial import Misaligned, NotPolynomial, Polynomials, fit_polynomials
-from .symbolic_inputs import InputSymbols, find_input_symbols
+from revify.passes.prediction.fake_copy import fake_copy, new_fake_mode
+from revify.passes.prediction.fake_transformers import real_mask_path
+from revify.passes.prediction.fit_polynomial import Misaligned, NotPolynomial, Polynomials, fit_polynomials
+from revify.passes.prediction.symbolic_inputs import InputSymbols, find_input_symbols
 
 SCALARS = ("saved", "retained", "params")  # then saved bytes per block; the peak comes from the allocation series
 _SYMBOLS = {name: sympy.Symbol(name, positive=True, integer=True) for name in ("B", "S", "L")}

@@ -18,8 +18,8 @@ After::
 """
 from __future__ import annotations
 
-from .find_chains import Rejection
-from .record_calls import CallRecord, CallTrace
+from revify.passes.analysis.find_chains import Rejection
+from revify.passes.capture.record_calls import CallRecord, CallTrace
 
 
 def _tensor_lists(rec: CallRecord) -> list[int]:

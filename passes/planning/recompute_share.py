@@ -36,8 +36,8 @@ from torch import nn
 
 from revify.measure import _sync, run_model  # _sync: a CUDA forward is timed once its kernels ran
 
-from .plan_checkpoint import Segment
-from .profile_blocks import ChainProfile
+from revify.passes.planning.plan_checkpoint import Segment
+from revify.passes.planning.profile_blocks import ChainProfile
 
 
 @dataclass(frozen=True)

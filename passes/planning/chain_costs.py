@@ -53,10 +53,10 @@ from itertools import accumulate
 
 from revify.runtime.checkpoint_segment import op_digest
 
-from .profile_blocks import BlockCost, OpCost
-from .profile_stem import StemCost
-from .save_ops_menu import MenuStep, Replay, kept_at, replay, save_ops_menu
-from .solve_schedule import Option
+from revify.passes.planning.profile_blocks import BlockCost, OpCost
+from revify.passes.planning.profile_stem import StemCost
+from revify.passes.planning.save_ops_menu import MenuStep, Replay, kept_at, replay, save_ops_menu
+from revify.passes.planning.solve_schedule import Option
 
 POLICY_OPTIONS = ("keep", "recompute", "save_matmuls", "save_ops")
 SAVE_OPS_LEVELS = 12  # menu levels tried per chain: more options, a slower solve

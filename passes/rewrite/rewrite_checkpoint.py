@@ -26,7 +26,7 @@ from torch import nn
 from revify.runtime.checkpoint_segment import CheckpointSegment
 from revify.runtime.checkpoint_stem import CheckpointStem
 
-from .plan_checkpoint import ChainPlan
+from revify.passes.planning.plan_checkpoint import ChainPlan
 
 
 def share_structure(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .capture import BlockGraph
-from .find_residual_blocks import ResidualSpine
-from .record_calls import CallRecord
+from revify.passes.capture.capture import BlockGraph
+from revify.passes.analysis.find_residual_blocks import ResidualSpine
+from revify.passes.capture.record_calls import CallRecord
 
 
 @dataclass(frozen=True)

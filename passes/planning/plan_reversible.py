@@ -38,7 +38,7 @@ from torch import nn
 from revify.runtime.adapter import ADAPTER_INITS
 from revify.runtime.reversible_chain import AnchorSet, Coupling
 
-from .find_chains import Chain, Rejection
+from revify.passes.analysis.find_chains import Chain, Rejection
 
 # scalings as in the MEFT reference code; output: the stream that carries the
 # pretrained function after a step, named after the switch (s1, s2)

@@ -32,8 +32,8 @@ from torch import nn
 from revify.measure import LiveStorageTracker
 from revify.report import default_loss_fn
 
-from .find_chains import Chain
-from .record_calls import call_model, fed_tensor, get_slot
+from revify.passes.analysis.find_chains import Chain
+from revify.passes.capture.record_calls import call_model, fed_tensor, get_slot
 
 
 @dataclass(frozen=True)

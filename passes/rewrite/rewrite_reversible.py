@@ -34,11 +34,11 @@ from revify.runtime.reversible_chain import (AdapterCall, BlockCall, CouplingSte
                                              ResidualBranch, ReversibleChain, WithAdapter)
 from revify.training_stack import peft_parameters
 
-from .find_chains import Rejection
-from .plan_reversible import ReversiblePlan
-from .record_calls import CallTrace, set_slot
-from .rewrite_checkpoint import share_structure
-from .split_sublayers import SplitError, split_block
+from revify.passes.analysis.find_chains import Rejection
+from revify.passes.planning.plan_reversible import ReversiblePlan
+from revify.passes.capture.record_calls import CallTrace, set_slot
+from revify.passes.rewrite.rewrite_checkpoint import share_structure
+from revify.passes.rewrite.split_sublayers import SplitError, split_block
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

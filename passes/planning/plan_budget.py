@@ -44,16 +44,16 @@ from torch import nn
 
 from revify.units import format_bytes
 
-from .chain_costs import (POLICY_OPTIONS, ChainBases, Pricing, ReversibleCost, SaveOpsMenus, chain_options,
+from revify.passes.planning.chain_costs import (POLICY_OPTIONS, ChainBases, Pricing, ReversibleCost, SaveOpsMenus, chain_options,
                           save_ops_plan)
-from .find_chains import Chain
-from .plan_checkpoint import ChainPlan, Segment, plan_checkpoint
-from .plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
-from .profile_blocks import ChainProfile, profile_chains
-from .profile_step import StepProfile, profile_step
-from .recompute_share import ModelForward, chain_paths, measure_model_forward, recompute_share, segment_overhead_s
-from .rewrite_checkpoint import rewrite_checkpoint
-from .solve_schedule import Option, Problem, Solution, min_budget, pareto, solve_within
+from revify.passes.analysis.find_chains import Chain
+from revify.passes.planning.plan_checkpoint import ChainPlan, Segment, plan_checkpoint
+from revify.passes.planning.plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
+from revify.passes.planning.profile_blocks import ChainProfile, profile_chains
+from revify.passes.planning.profile_step import StepProfile, profile_step
+from revify.passes.planning.recompute_share import ModelForward, chain_paths, measure_model_forward, recompute_share, segment_overhead_s
+from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
+from revify.passes.planning.solve_schedule import Option, Problem, Solution, min_budget, pareto, solve_within
 
 
 log = logging.getLogger("revify.planner")  # progress of the slow steps; the CLI's demo shows it
@@ -83,7 +83,7 @@ class BudgetPlan:
 def _stream_ratio(dtype: torch.dtype, options: ReversibleOptions) -> float:
     from revify.runtime.reversible_chain import stream_dtype_for
 
-    from .plan_reversible import COUPLINGS
+    from revify.passes.planning.plan_reversible import COUPLINGS
 
     base = COUPLINGS[options.coupling]
     coupling = replace(base, lam=base.lam if options.lam is None else options.lam,

@@ -33,8 +33,8 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from .find_chains import Chain, ChainAnalysis, _descendant_buffers
-from .record_calls import CallRecord, CallTrace
+from revify.passes.analysis.find_chains import Chain, ChainAnalysis, _descendant_buffers
+from revify.passes.capture.record_calls import CallRecord, CallTrace
 
 
 @dataclass(frozen=True)

@@ -58,10 +58,10 @@ from torch.utils.checkpoint import SAC_IGNORED_OPS
 from revify.measure import LiveStorageTracker
 from revify.runtime.checkpoint_segment import _checkpoint, saves_under_save_matmuls
 
-from .count_flops import flop_counter, op_flops
-from .find_chains import BlockInfo, Chain
-from .profile_stem import StemCost, profile_stem
-from .record_calls import CallRecord, fed_tensor, get_slot, set_slot
+from revify.passes.planning.count_flops import flop_counter, op_flops
+from revify.passes.analysis.find_chains import BlockInfo, Chain
+from revify.passes.planning.profile_stem import StemCost, profile_stem
+from revify.passes.capture.record_calls import CallRecord, fed_tensor, get_slot, set_slot
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class OpCost:
     seconds: float  # its share of the block's measured forward time
     savable: bool  # keeping its output is safe: new storage, not random, not modified in place later
     flops: int = 0  # as torch.utils.flop_counter counts them (zero for pointwise ops)
-    # dataflow inside the block, for eliding ops a recompute does not need (``passes/save_ops_menu``);
+    # dataflow inside the block, for eliding ops a recompute does not need (``passes/planning/save_ops_menu``);
     # ``BlockCost.dataflow`` says whether it was recorded
     reads: tuple[int, ...] = ()  # indices of the earlier ops whose output storages it reads
     saved: bool = False  # autograd saves one of its outputs (not counting a dropout mask)

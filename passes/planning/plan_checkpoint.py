@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .find_chains import Chain
+from revify.passes.analysis.find_chains import Chain
 
 POLICIES = ("recompute", "save_matmuls", "save_ops")
 SCHEDULES = ("sqrt(n)", "per-block", "budget")  # "budget": plan_budget
@@ -43,7 +43,7 @@ class Segment:
     listed per block in ``saved_ops`` as ``(index, op name)`` pairs (index:
     position among the ops of the block's forward). Its recompute skips the
     ops listed in ``elided_ops`` (same form), whose outputs nothing then
-    needs (``passes/save_ops_menu``), in each block whose forward runs the
+    needs (``passes/planning/save_ops_menu``), in each block whose forward runs the
     op sequence with the checksum in ``op_digests``.
     """
 

@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .capture import BlockGraph, capture_block_graph
-from .check_legality import Legality, check_legality
-from .find_residual_blocks import ResidualSpine, residual_spine
-from .record_calls import CallRecord, CallTrace
+from revify.passes.capture.capture import BlockGraph, capture_block_graph
+from revify.passes.analysis.check_legality import Legality, check_legality
+from revify.passes.analysis.find_residual_blocks import ResidualSpine, residual_spine
+from revify.passes.capture.record_calls import CallRecord, CallTrace
 
 if TYPE_CHECKING:
-    from .find_stem import StemInfo
+    from revify.passes.analysis.find_stem import StemInfo
 
 
 @dataclass(frozen=True)
