@@ -38,10 +38,12 @@ import torch
 from torch import nn
 
 from revify import safe_paths
+from revify.example_inputs import InputSpec
+from revify.hf_folder import read_hf_folder
 from revify.saved_plan import PlanMismatchError, RecordedPlan, apply_recorded_plan, plan_to_json
-from revify.sources import (InputSpec, SourceError, build_from_factory, first_line,
-                            load_state_dict_exactly, read_hf_folder)
+from revify.source_errors import SourceError, first_line
 from revify.training_stack import plan_prefix, prefix_plan_paths
+from revify.weights_file import build_from_factory, load_state_dict_exactly
 
 FORMAT_VERSION = 1  # bump when revify.json changes in a way older readers would misread
 MANIFEST = "revify.json"

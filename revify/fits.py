@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from revify.sources import InputSpec, TensorSpec, _DTYPES
+from revify.example_inputs import DTYPES, InputSpec, TensorSpec
 from revify.units import format_bytes
 
 
@@ -67,7 +67,7 @@ def available_bytes(device: str | torch.device = "cpu") -> int | None:
 
 
 def tensor_bytes(spec: TensorSpec) -> int:
-    return math.prod(spec.shape) * torch.empty((), dtype=_DTYPES[spec.dtype]).element_size()
+    return math.prod(spec.shape) * torch.empty((), dtype=DTYPES[spec.dtype]).element_size()
 
 
 def input_bytes(spec: InputSpec) -> int:
@@ -75,7 +75,7 @@ def input_bytes(spec: InputSpec) -> int:
 
 
 def _meta_inputs(spec: InputSpec) -> Any:
-    values = [(k, torch.empty(v.shape, dtype=_DTYPES[v.dtype], device="meta") if isinstance(v, TensorSpec) else v)
+    values = [(k, torch.empty(v.shape, dtype=DTYPES[v.dtype], device="meta") if isinstance(v, TensorSpec) else v)
               for k, v in spec.entries]
     return dict(values) if spec.call == "kwargs" else tuple(v for _, v in values)
 

@@ -37,7 +37,7 @@ import torch
 
 from revify import safe_paths
 from revify.fits import StepTooLarge, check_inputs_fit
-from revify.sources import InputSpec
+from revify.example_inputs import InputSpec
 
 _ENTRY_KEYS = {"name", "tensor", "value"}
 _TENSOR_KEYS = {"shape", "dtype", "fill", "low", "high", "value", "values"}

@@ -65,7 +65,7 @@ def check_report_flags(args: Any) -> None:
 
 def check_demo(args: Any, build: Callable[[int, int, int, int], tuple]) -> None:
     """The demo's model and step, built on the meta device first (no memory), must fit."""
-    from revify.sources import InputSpec
+    from revify.example_inputs import InputSpec
 
     if getattr(args, "repeats", 1) < 1:
         raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
@@ -79,7 +79,7 @@ def check_demo(args: Any, build: Callable[[int, int, int, int], tuple]) -> None:
 
 
 def _meta_spec(t: torch.Tensor) -> Any:
-    from revify.sources import TensorSpec
+    from revify.example_inputs import TensorSpec
 
     return TensorSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."), "randn")
 

@@ -42,7 +42,7 @@ def describe_folder(path: str | Path, *, verbose: bool = False, as_json: bool = 
 
     ``arch``: for folders converted from a state dict with ``--arch`` (imports and runs that code)."""
     from revify.checkpoint_io import load, read_manifest
-    from revify.sources import InputSpec
+    from revify.example_inputs import InputSpec
 
     folder = Path(path)
     manifest = read_manifest(folder)

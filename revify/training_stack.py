@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from revify.sources import InputSpec
+from revify.example_inputs import InputSpec
 
 _RECOMPUTE_FLAGS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
 

@@ -10,7 +10,8 @@ import torch
 
 import revify
 from revify.checkpoint_io import CheckpointError, write_folder_atomically
-from revify.sources import InputSpec, TensorSpec, parse_input_shape, SourceError
+from revify.example_inputs import InputSpec, TensorSpec, parse_input_shape
+from revify.source_errors import SourceError
 from zoo import ALL_CASES, MLPResNet, train_step
 
 
