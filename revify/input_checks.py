@@ -32,7 +32,7 @@ from revify.safe_paths import output_file_problem
 class UsageError(ValueError):
     """A command-line value refused before the work starts; the command line exits 2 with its one line.
 
-    Not ``revify.cli.UsageError``: under ``python -m revify.cli`` that module is ``__main__``.
+    Not ``revify.cli.parser.UsageError``: these checks sit below the command line and never import it.
     """
 
 

@@ -118,9 +118,9 @@ def test_median_interval_is_the_sign_test_interval():
 def test_cli_version_and_every_value_flag_shows_its_default(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"revify {revify.__version__}"
-    from revify.cli import _parser
+    from revify.cli.parser import build_parser
 
-    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for command, parser in sub.choices.items():
         for action in parser._actions:
             if action.option_strings and action.nargs != 0 and not action.required and action.help != argparse.SUPPRESS:
