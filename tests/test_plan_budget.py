@@ -263,7 +263,7 @@ def test_save_ops_thresholds_split_the_savable_bytes():
     """Without a dataflow the menu is the old knapsack order: single ops by recompute per byte."""
     from revify.passes.planning.chain_costs import SaveOpsMenus
     from revify.passes.planning.save_ops_menu import ALL_STEPS
-    from revify.passes.planning.profile_blocks import BlockCost, OpCost
+    from revify.passes.planning.block_costs import BlockCost, OpCost
 
     ops = tuple(OpCost(k, f"aten.op{k}.default", 1000 * (k + 1), 1e-3 / (k + 1) ** 2, savable=k % 5 != 4)
                 for k in range(20))

@@ -53,7 +53,7 @@ from itertools import accumulate
 
 from revify.runtime.checkpoint_segment import op_digest
 
-from revify.passes.planning.profile_blocks import BlockCost, OpCost
+from revify.passes.planning.block_costs import BlockCost, OpCost
 from revify.passes.planning.profile_stem import StemCost
 from revify.passes.planning.save_ops_menu import MenuStep, Replay, kept_at, replay, save_ops_menu
 from revify.passes.planning.solve_schedule import Option

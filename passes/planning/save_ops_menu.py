@@ -63,7 +63,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from revify.passes.planning.profile_blocks import BlockCost, OpCost
+from revify.passes.planning.block_costs import BlockCost, OpCost
 
 
 @dataclass(frozen=True)
