@@ -29,9 +29,10 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from revify.runtime.adapter import Adapter
-from revify.runtime.checkpoint_segment import original_forward
-from revify.runtime.reversible_chain import (AdapterCall, BlockCall, CouplingStep, FixedExtras, HalfCall,
-                                             ResidualBranch, ReversibleChain, WithAdapter)
+from revify.runtime.couplings import (AdapterCall, BlockCall, CouplingStep, FixedExtras, HalfCall, ResidualBranch,
+                                      WithAdapter)
+from revify.runtime.installed_forward import original_forward
+from revify.runtime.reversible_chain import ReversibleChain
 from revify.training_stack import peft_parameters
 
 from revify.passes.analysis.find_chains import Rejection
