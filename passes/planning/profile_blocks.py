@@ -56,7 +56,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.checkpoint import SAC_IGNORED_OPS
 
 from revify.measure import LiveStorageTracker
-from revify.runtime.checkpoint_segment import _checkpoint, saves_under_save_matmuls
+from revify.runtime.checkpoint_call import _checkpoint
+from revify.runtime.checkpoint_policy import saves_under_save_matmuls
 
 from revify.passes.planning.count_flops import flop_counter, op_flops
 from revify.passes.analysis.find_chains import BlockInfo, Chain
@@ -506,7 +507,7 @@ def _overheads(run: _BlockRun, cost: BlockCost, repeats: int) -> tuple[float, fl
     checkpointing's Python dispatch mode on every op (tens of microseconds
     each, which on CPU blocks of a few milliseconds is a large share).
     """
-    from revify.runtime.checkpoint_segment import SaveListedOps
+    from revify.runtime.checkpoint_policy import SaveListedOps
 
     kept = tuple(o for o in (cost.replayed or ()) if o.savable)
     keep_all = (tuple((o.index, o.name) for o in kept),)
