@@ -43,6 +43,11 @@ Like ``CheckpointSegment``, the chain is installed as the blocks' ``forward``:
 the first block (head) starts a run, later blocks (relays) continue it. A
 relay called with anything but the previous block's output raises: the
 coupled architecture has no meaning for a block run on its own.
+
+This module holds the chain (the coupled forward, the backward of one step,
+head and relays); the couplings and the F/G callables are in ``couplings``,
+the per-step autograd node in ``reversible_step``, anchors and the
+reconstruction check in ``reconstruction``.
 """
 from __future__ import annotations
 
