@@ -19,7 +19,7 @@ _PUBLIC = {  # name -> module that defines it
     "RevifyError": "revify.api", "BudgetError": "revify.api",
     "load": "revify.checkpoint_io", "save": "revify.checkpoint_io",
     "estimate": "revify.estimate", "report": "revify.report",
-    "ReconstructionError": "revify.runtime.reversible_chain",
+    "ReconstructionError": "revify.runtime.reconstruction",
 }
 __all__ = ["revify", "inspect", "report", "estimate", "save", "load", "stored_activations", "RevifyError",
            "BudgetError", "ReconstructionError"]

@@ -35,7 +35,7 @@ from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
 from revify.passes.planning.plan_reversible import COUPLINGS, ReversibleOptions, ReversiblePlan
 from revify.passes.capture.record_calls import CallTrace
 from revify.plan import Plan
-from revify.runtime.reversible_chain import Coupling
+from revify.runtime.couplings import Coupling
 
 _OPTION_FIELDS = {f.name for f in dataclasses.fields(ReversibleOptions)}
 

@@ -43,7 +43,7 @@ from torch import nn
 from revify.passes.planning.plan_checkpoint import ChainPlan
 from revify.passes.planning.save_ops_menu import replay
 from revify.plan import Plan
-from revify.runtime.checkpoint_segment import op_digest
+from revify.runtime.checkpoint_policy import op_digest
 from revify.saved_plan import PlanMismatchError
 
 

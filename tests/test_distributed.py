@@ -106,7 +106,7 @@ def _worker(rank: int, wrapper: str, store: str, out: str) -> None:
             results[strategy] = _train(model, [b[half] for b in _batches()], names)
             if strategy == "stem":  # the embeddings were rebuilt in backward, not kept
                 inner = model.module if wrapper == "ddp" else model
-                results[strategy]["stem_uses"] = inner.embed.forward.stem.recipe_uses
+                results[strategy]["stem_uses"] = inner.embed.forward.owner.recipe_uses
         if rank == 0:
             torch.save(results, out)
         dist.barrier()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from revify.passes.planning.count_flops import _count, flop_counter, op_flops
-from revify.runtime.checkpoint_segment import draws_random, saves_under_save_matmuls
+from revify.runtime.checkpoint_policy import draws_random, saves_under_save_matmuls
 
 aten = torch.ops.aten
 Q = torch.randn(2, 8, 16, 32)

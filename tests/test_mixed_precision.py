@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import revify
-from revify.runtime.reversible_chain import ReconstructionError, reversible_chains
+from revify.runtime.reconstruction import ReconstructionError
+from revify.runtime.reversible_chain import reversible_chains
 from zoo import ALL_CASES, MLPResNet, ZooCase, _logits_loss, train_step
 
 BF16 = "bfloat16, autocast cpu bfloat16"  # the chain input is bf16: it comes out of an autocast Linear

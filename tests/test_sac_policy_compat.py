@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
-from revify.runtime.checkpoint_segment import SaveListedOps
+from revify.runtime.checkpoint_policy import SaveListedOps
 
 OPS = [torch.ops.aten.mm.default, torch.ops.aten.relu.default, torch.ops.aten.mm.default,
        torch.ops.aten.add.Tensor, torch.ops.aten.mm.default]

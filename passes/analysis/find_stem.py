@@ -35,6 +35,7 @@ from torch import nn
 
 from revify.passes.analysis.find_chains import Chain, ChainAnalysis, _descendant_buffers
 from revify.passes.capture.record_calls import CallRecord, CallTrace
+from revify.runtime.hooks import has_hooks
 
 
 @dataclass(frozen=True)
@@ -60,18 +61,13 @@ def _ancestors(trace: CallTrace, rec: CallRecord) -> set[int]:
     return out
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in module.modules())
-
-
 def _legal(model: nn.Module, trace: CallTrace, rec: CallRecord) -> bool:
     module = model.get_submodule(rec.path)
     return (trace.call_counts.get(rec.path, 1) == 1 and not rec.mutated_inputs
             and not _descendant_buffers(trace, rec) and rec.example_kwargs is not None
             and not any(kind == "object" for _, kind, *_ in rec.side_signature)
             and not getattr(module.__dict__.get("forward"), "revify_installed", False)
-            and not _has_hooks(module))
+            and not has_hooks(module, global_hooks=False))
 
 
 def find_stem(model: nn.Module, trace: CallTrace, chain: Chain, blocked: set[int]) -> StemInfo | None:

@@ -30,6 +30,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from revify.measure import _storage_key
+# the slot primitives run on every call of a converted block, so the runtime owns them; set_slot is
+# imported from here by the passes that rewrite a call's arguments
+from revify.runtime.call_arguments import fed_tensor, get_slot, set_slot, side_signature  # noqa: F401
 
 
 @dataclass
@@ -81,51 +84,6 @@ def _first_tensor_slot(args: tuple, kwargs: dict) -> tuple[str, Any] | None:
         if isinstance(v, torch.Tensor):
             return ("kw", k)
     return None
-
-
-def get_slot(args: tuple, kwargs: dict, slot: tuple[str, Any]) -> Any:
-    """The value in ``slot``, or None when this call does not fill it."""
-    kind, key = slot
-    if kind == "arg":
-        return args[key] if key < len(args) else None
-    return kwargs.get(key)
-
-
-def set_slot(args: tuple, kwargs: dict, slot: tuple[str, Any], value: Any) -> tuple[tuple, dict]:
-    kind, key = slot
-    if kind == "arg":
-        args = args[:key] + (value,) + args[key + 1:]
-    else:
-        kwargs = {**kwargs, key: value}
-    return args, kwargs
-
-
-def fed_tensor(output: Any) -> tuple[torch.Tensor | None, int | None]:
-    """The tensor a block hands to the next one: the output or its first element."""
-    if isinstance(output, torch.Tensor):
-        return output, None
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0], 0
-    return None, None
-
-
-def side_signature(args: tuple, kwargs: dict, slot) -> tuple:
-    """Identity of every input but the hidden one: tensors by object, constants by value."""
-    items = [(("arg", i), a) for i, a in enumerate(args)] + [(("kw", k), v) for k, v in kwargs.items()]
-    return tuple((key, *_describe(value)) for key, value in items if key != slot)
-
-
-def _describe(value: Any) -> tuple[str, Any]:
-    """Kind and identity of a side input; tuples (e.g. rotary cos/sin) are plain data."""
-    if isinstance(value, torch.Tensor):
-        return "tensor", id(value)
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
-        return "const", value
-    if isinstance(value, (tuple, list)):
-        parts = tuple(_describe(v) for v in value)
-        kind = "object" if any(k == "object" for k, _ in parts) else "tuple"
-        return kind, parts
-    return "object", id(value)
 
 
 class _RandomOpWatcher(TorchDispatchMode):

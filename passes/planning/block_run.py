@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from revify.passes.analysis.find_chains import BlockInfo
-from revify.passes.capture.record_calls import fed_tensor, get_slot, set_slot
+from revify.runtime.call_arguments import fed_tensor, get_slot, set_slot
 
 
 def storage_ptr(t: torch.Tensor) -> int:

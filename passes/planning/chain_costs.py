@@ -51,7 +51,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from itertools import accumulate
 
-from revify.runtime.checkpoint_segment import op_digest
+from revify.runtime.checkpoint_policy import op_digest
 
 from revify.passes.planning.block_costs import BlockCost, OpCost
 from revify.passes.planning.profile_stem import StemCost

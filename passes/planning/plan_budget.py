@@ -81,7 +81,7 @@ class BudgetPlan:
 
 
 def _stream_ratio(dtype: torch.dtype, options: ReversibleOptions) -> float:
-    from revify.runtime.reversible_chain import stream_dtype_for
+    from revify.runtime.couplings import stream_dtype_for
 
     from revify.passes.planning.plan_reversible import COUPLINGS
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from revify.runtime.adapter import ADAPTER_INITS
-from revify.runtime.reversible_chain import AnchorSet, Coupling
+from revify.runtime.couplings import Coupling
+from revify.runtime.reconstruction import AnchorSet
 
 from revify.passes.analysis.find_chains import Chain, Rejection
 

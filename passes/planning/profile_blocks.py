@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from revify.measure import LiveStorageTracker
-from revify.runtime.checkpoint_segment import SaveListedOps, _checkpoint
+from revify.runtime.checkpoint_call import _checkpoint
+from revify.runtime.checkpoint_policy import SaveListedOps
 
 from revify.passes.analysis.find_chains import BlockInfo, Chain
 from revify.passes.capture.record_calls import CallRecord

@@ -33,7 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.checkpoint import SAC_IGNORED_OPS
 
-from revify.runtime.checkpoint_segment import _checkpoint, saves_under_save_matmuls
+from revify.runtime.checkpoint_call import _checkpoint
+from revify.runtime.checkpoint_policy import saves_under_save_matmuls
 
 from revify.passes.planning.block_costs import OpCost
 from revify.passes.planning.block_run import BlockRun, storage_ptr

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from revify.measure import LiveStorageTracker, _storage_key
-from revify.runtime.checkpoint_segment import _checkpoint
+from revify.runtime.checkpoint_call import _checkpoint
 
 from revify.passes.planning.count_flops import flop_counter
 from revify.passes.analysis.find_stem import StemInfo

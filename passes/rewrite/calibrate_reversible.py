@@ -50,7 +50,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from revify.runtime.reversible_chain import Probe, ReversibleChain, relative_error, stored_activations
+from revify.runtime.reconstruction import Probe, relative_error
+from revify.runtime.reversible_chain import ReversibleChain, stored_activations
 
 from revify.passes.analysis.find_chains import Rejection
 from revify.passes.planning.plan_reversible import ReversiblePlan

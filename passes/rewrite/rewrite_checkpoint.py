@@ -12,10 +12,10 @@ Before::
 
 After::
 
-    rmodel.encoder.layer[0].forward  = SegmentHead   (runs layers 0-3 under checkpoint)
-    rmodel.encoder.layer[1..3].forward = SegmentRelay
-    rmodel.encoder.layer[4].forward  = SegmentHead   ...
-    rmodel.embeddings.forward        = StemForward   (with ChainPlan.stem: recomputed by layer 0's head)
+    rmodel.encoder.layer[0].forward  = InstalledHead(segment 0)      (runs layers 0-3 under checkpoint)
+    rmodel.encoder.layer[1..3].forward = InstalledRelay(segment 0, k)
+    rmodel.encoder.layer[4].forward  = InstalledHead(segment 1)      ...
+    rmodel.embeddings.forward        = InstalledHead(CheckpointStem)  (ChainPlan.stem: recomputed by layer 0)
 """
 from __future__ import annotations
 

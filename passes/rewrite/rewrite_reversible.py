@@ -14,8 +14,8 @@ After (``meft1``)::
 
     rmodel.encoder.layer[i].revify_adapter_f     Adapter(768 → 8 → 768), zero output
     rmodel.encoder.layer[i].revify_adapter_g     Adapter (not on the last block: its G output is dropped)
-    rmodel.encoder.layer[0].forward  = ReversibleHead   (runs all 12 couplings)
-    rmodel.encoder.layer[1..11].forward = ReversibleRelay
+    rmodel.encoder.layer[0].forward  = InstalledHead(chain)   (runs all 12 couplings)
+    rmodel.encoder.layer[1..11].forward = InstalledRelay(chain, k)
 
 ``freeze_backbone`` sets ``requires_grad=False`` on the chain blocks'
 pretrained parameters. They are shared with the original model, so the
@@ -29,9 +29,10 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from revify.runtime.adapter import Adapter
-from revify.runtime.checkpoint_segment import original_forward
-from revify.runtime.reversible_chain import (AdapterCall, BlockCall, CouplingStep, FixedExtras, HalfCall,
-                                             ResidualBranch, ReversibleChain, WithAdapter)
+from revify.runtime.couplings import (AdapterCall, BlockCall, CouplingStep, FixedExtras, HalfCall, ResidualBranch,
+                                      WithAdapter)
+from revify.runtime.installed_forward import original_forward
+from revify.runtime.reversible_chain import ReversibleChain
 from revify.training_stack import peft_parameters
 
 from revify.passes.analysis.find_chains import Rejection

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import torch
 
-from revify.passes.capture.record_calls import _describe
+from .call_arguments import describe_argument
 
 
 def _where(key: tuple[str, Any]) -> str:
@@ -45,7 +45,7 @@ def _mutable(value: Any) -> Any:
             if found is not None:
                 return found
         return None
-    return value if _describe(value)[0] == "object" else None
+    return value if describe_argument(value)[0] == "object" else None
 
 
 def runtime_refusal(args: tuple, kwargs: dict, slot: tuple[str, Any] | None,

@@ -37,20 +37,22 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from revify.passes.capture.record_calls import fed_tensor
-
 from .argument_check import runtime_refusal
-from .checkpoint_segment import (RngStates, _checkpoint, _has_forward_hooks, is_fed, opaque_to_dynamo,
-                                 original_forward, unshard_fsdp)
+from .autocast_state import AutocastState
+from .call_arguments import fed_tensor
+from .checkpoint_call import _checkpoint
+from .fsdp import is_fed, unshard_fsdp
+from .hooks import has_hooks
+from .installed_forward import install_forwards, original_forward, uninstall_forwards
+from .rng import RngState
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
 
 
-def _autocast_state(device: torch.device) -> tuple:
-    kinds = dict.fromkeys(("cpu", device.type))
-    return tuple((k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds)
+def _autocast_state(device: torch.device) -> AutocastState:
+    return AutocastState.capture(("cpu", device.type))
 
 
 def _versions(tensors: list[torch.Tensor]) -> list[int]:
@@ -65,7 +67,7 @@ class StemCall:
     before backward, the rebuild would differ: it raises.
     """
 
-    def __init__(self, stem: "CheckpointStem", args: tuple, kwargs: dict, rng: RngStates, output: torch.Tensor):
+    def __init__(self, stem: "CheckpointStem", args: tuple, kwargs: dict, rng: RngState, output: torch.Tensor):
         self.stem = stem
         self.args, self.kwargs = args, kwargs
         self.rng = rng
@@ -97,8 +99,7 @@ class StemCall:
             raise RuntimeError(f"revify: an input, parameter or buffer of {type(self.stem.module).__name__} (the "
                                "stem recomputed in backward) was modified in place after the forward; its "
                                "recompute would differ")
-        with torch.no_grad(), torch.random.fork_rng(devices=self.rng.cuda):
-            self.rng.restore()
+        with torch.no_grad(), self.rng.replayed():
             unshard_fsdp((self.stem.module,))
             out, _ = fed_tensor(self.stem.forward(*self.args, **self.kwargs))
         if not self.requires_grad:
@@ -131,11 +132,6 @@ class StemInput:
         self.hidden = None
 
 
-def _has_backward_hooks(module: nn.Module) -> bool:
-    # a full backward hook wraps the output in a Function: the segment would never see the output
-    return any(m._backward_hooks or m._backward_pre_hooks for m in module.modules())
-
-
 class CheckpointStem:
     """The module that computes a chain's first input, recomputed with the chain's first segment."""
 
@@ -149,22 +145,24 @@ class CheckpointStem:
         return {**self.__dict__, "last": None}  # one forward's call
 
     def install(self) -> None:
-        self.module.forward = StemForward(self)
+        install_forwards(self, [self.module])
 
     def uninstall(self) -> None:
-        self.module.__dict__.pop("forward", None)
+        uninstall_forwards([self.module])
 
-    def run(self, *args: Any, **kwargs: Any) -> Any:
+    def run_head(self, *args: Any, **kwargs: Any) -> Any:
+        """The stem module's call: checkpointed, and remembered for the segment to rebuild it from."""
         self.last = None
         tensors = _tensors(args, kwargs)
         owned = list(self.module.parameters()) + list(self.module.buffers())
         devices = [t.device for t in tensors + owned]
-        if (not torch.is_grad_enabled() or _has_forward_hooks(self.module) or _has_backward_hooks(self.module)
+        # a full backward hook wraps the output in a Function: the segment would never see the output
+        if (not torch.is_grad_enabled() or has_hooks(self.module)
                 or any(d.type not in ("cpu", "cuda") for d in devices)
                 or runtime_refusal(args, kwargs, None) is not None):  # a mutable argument: no rerun
             # hooks see the call, not its recompute; other accelerators' RNG is not replayed here
             return self.forward(*args, **kwargs)
-        rng = RngStates(devices)
+        rng = RngState.capture(devices)
         before = _versions(tensors)
         out = _checkpoint(self.forward, "recompute", *args, _devices=devices, **kwargs)
         hidden, _ = fed_tensor(out)
@@ -179,16 +177,3 @@ class CheckpointStem:
             return None
         self.recipe_uses += 1
         return StemInput(call, hidden)
-
-
-class StemForward:
-    """Installed as the stem module's ``forward``."""
-
-    revify_installed = True
-
-    def __init__(self, stem: CheckpointStem):
-        self.stem = stem
-
-    @opaque_to_dynamo
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.stem.run(*args, **kwargs)

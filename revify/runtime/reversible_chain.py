@@ -43,273 +43,32 @@ Like ``CheckpointSegment``, the chain is installed as the blocks' ``forward``:
 the first block (head) starts a run, later blocks (relays) continue it. A
 relay called with anything but the previous block's output raises: the
 coupled architecture has no meaning for a block run on its own.
+
+This module holds the chain (the coupled forward, the backward of one step,
+head and relays); the couplings and the F/G callables are in ``couplings``,
+the per-step autograd node in ``reversible_step``, anchors and the
+reconstruction check in ``reconstruction``.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
-from revify.passes.capture.record_calls import get_slot, set_slot, side_signature
-from revify.runtime.checkpoint_segment import is_fed, opaque_to_dynamo, reshard_fsdp, unshard_fsdp
-
-
-class ReconstructionError(RuntimeError):
-    """A reconstructed activation differs from the stored one by more than the tolerance."""
-
-
-@dataclass(frozen=True)
-class Coupling:
-    name: str
-    lam: float
-    beta: float
-    switch: bool  # swap the streams after each step
-    output: str  # the stream that carries the function after a step: "s1", "s2" or "mean"
-
-
-# --- the functions F and G a step calls ------------------------------------------------
-# Small picklable callables ``(x, args, kwargs) -> tensor``; ``args``/``kwargs`` are the
-# side inputs of the head's call, with the hidden slot to be filled with ``x``.
-
-class BlockCall:
-    """A pretrained block's original forward, fed ``x`` in its hidden slot."""
-
-    def __init__(self, forward: Callable, slot: tuple[str, Any], path: str):
-        self.forward, self.slot, self.path = forward, slot, path
-        # what the last call returned beside the hidden state: None for a plain tensor, else the
-        # rest of its tuple ``(hidden, *extras)`` (attention weights, None placeholders, T5's
-        # position bias); the head or relay hands it back to the parent in the same places
-        self.extras: tuple | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "extras": None}
-
-    def __call__(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        a, k = set_slot(args, kwargs, self.slot, x)
-        out = self.forward(*a, **k)
-        if isinstance(out, torch.Tensor):
-            self.extras = None
-            return out
-        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) \
-                and all(e is None or isinstance(e, torch.Tensor) for e in out[1:]):
-            self.extras = tuple(out[1:])
-            return out[0]
-        raise TypeError(f"{self.path} returned {type(out).__name__}; a reversible block must return its hidden "
-                        "state, or a tuple (hidden, *extras) of tensors and None")
-
-
-class FixedExtras:
-    """The extras of a block that F and G do not run whole (MEFT3 halves), fixed at conversion.
-
-    Each entry of ``template`` is None, or the position among the chain's side-input leaves of
-    a side input the block hands back (T5 returns the position bias it was given).
-    """
-
-    def __init__(self, template: tuple | None):
-        self.template = template
-
-    def resolve(self, side_leaves: list) -> tuple | None:
-        if self.template is None:
-            return None
-        return tuple(None if j is None else side_leaves[j] for j in self.template)
-
-
-class HalfCall:
-    """One residual sub-layer of a block (MEFT3), from ``split_sublayers``."""
-
-    def __init__(self, halves: Any, which: str):
-        self.halves, self.which = halves, which
-
-    def __call__(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        half = self.halves.first if self.which == "first" else self.halves.second
-        return half(x, args, kwargs)
-
-
-class WithAdapter:
-    """``inner(x) + adapter(x)``: a parallel adapter, zero at initialisation."""
-
-    def __init__(self, inner: Callable, adapter: nn.Module):
-        self.inner, self.adapter = inner, adapter
-
-    def __call__(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        return self.inner(x, args, kwargs) + self.adapter(x)
-
-
-class AdapterCall:
-    def __init__(self, adapter: nn.Module):
-        self.adapter = adapter
-
-    def __call__(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        return self.adapter(x)
-
-
-class ResidualBranch:
-    """``block(x) − x``: the residual function of a block, for RevNet couplings."""
-
-    def __init__(self, inner: Callable):
-        self.inner = inner
-
-    def __call__(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        return self.inner(x, args, kwargs) - x
-
-
-@dataclass
-class CouplingStep:
-    f: Callable
-    g: Callable | None  # None: y2 = β·x2 (the odd last step of a RevNet chain)
-    # whose parameters F and G use; looked up at every call, so parameters replaced
-    # after conversion (``to_empty``, FSDP2 sharding) are the ones differentiated
-    f_modules: tuple[nn.Module, ...]
-    g_modules: tuple[nn.Module, ...]
-    blocks: tuple[int, ...]  # chain positions this step stands for
-    buffers: tuple[tuple[nn.Module, str], ...] = ()  # updated in forward (BatchNorm statistics)
-    # the pretrained block(s) of this step, for the starting-point error
-    reference: Callable | None = None
-    # per block of ``blocks``: where its extra outputs are after the step ran (``BlockCall.extras``)
-    extras_from: tuple[Any, ...] = ()
-
-
-ADAPTER_PREFIX = "revify_adapter"
-
-
-def _params(modules: tuple[nn.Module, ...]) -> list[nn.Parameter]:
-    """Parameters of ``modules``, without the adapters revify registered inside blocks."""
-    seen: dict[int, nn.Parameter] = {}
-    for m in modules:
-        is_adapter = getattr(m, "revify_adapter", False)
-        for name, p in m.named_parameters():
-            if is_adapter or not name.startswith(ADAPTER_PREFIX):
-                seen.setdefault(id(p), p)
-    return list(seen.values())
-
-
-def stream_dtype_for(dtype: torch.dtype, coupling: Coupling | None = None) -> torch.dtype:
-    """Streams one step wider than the compute dtype, where that is cheap and needed.
-
-    Dividing by λ or β < 1 amplifies the streams' rounding error at every step;
-    with λ = β = 1 (RevNet) nothing is divided, so compute-dtype streams lose
-    only the recompute noise the anchors bound anyway, at half the memory of
-    the chain's largest saved tensors (measured on a 48-block MLP: peak
-    3.13 → 2.01 MiB).
-    """
-    if coupling is not None and coupling.lam == 1 and coupling.beta == 1:
-        return dtype
-    if dtype == torch.float32:
-        return torch.float64
-    if dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return dtype
-
-
-def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    exact64 = exact.detach().double()
-    denom = exact64.norm().item()
-    return (approx.detach().double() - exact64).norm().item() / max(denom, 1e-30)
-
-
-def precision_state(x: torch.Tensor) -> str:
-    """The precision the blocks compute in, as a label: ``"float32"``, ``"float32, autocast cpu bfloat16"``.
-
-    Reconstruction error depends on it (bf16 recompute noise is ~1000× fp32's), so anchors are
-    kept per precision state.
-    """
-    device = x.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        return f"{str(x.dtype).removeprefix('torch.')}, autocast {device} " \
-               f"{str(torch.get_autocast_dtype(device)).removeprefix('torch.')}"
-    return str(x.dtype).removeprefix("torch.")
-
-
-@dataclass
-class AnchorSet:
-    """Anchors calibrated for one precision state, and the reconstruction error they achieved."""
-
-    precision: str
-    anchors: tuple[int, ...]
-    step_errors: list[float]  # per step: relative error of its reconstructed input (0 at anchors)
-    calibrated_on: str  # "example inputs" (conversion) or "first training step"
-
-    @property
-    def max_error(self) -> float:
-        return max(self.step_errors, default=0.0)
-
-
-@dataclass
-class Probe:
-    """Compares reconstructed streams with exact ones, for checking or calibration.
-
-    ``mode="check"`` raises ``ReconstructionError`` when the error exceeds
-    ``tolerance``. ``mode="calibrate"`` places an anchor where it would, and
-    goes on from the exact value: one backward pass finds the greedy anchors.
-    """
-
-    mode: str
-    tolerance: float
-    errors: dict[int, float] = field(default_factory=dict)  # step → error of its reconstructed input
-    new_anchors: set[int] = field(default_factory=set)
-    exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    precision: str | None = None  # the precision state the probed run ran in (``precision_state``)
-    auto: bool = False  # started by the chain itself: its backward records the anchors it finds
-
-    def visit(self, step: int, which: int, approx: torch.Tensor, where: str) -> torch.Tensor:
-        exact = self.exact[step][which]
-        err = relative_error(approx, exact)
-        self.errors[step] = max(self.errors.get(step, 0.0), err)
-        if err <= self.tolerance:  # NaN compares False: flagged
-            return approx
-        if self.mode == "check":
-            raise ReconstructionError(
-                f"{where}: reconstructed input of block {step} differs from the stored one by "
-                f"{err:.3g} relative (tolerance {self.tolerance:g}); convert with a smaller tolerance "
-                "or more anchors")
-        self.new_anchors.add(step)
-        return exact
-
-
-@dataclass
-class _Run:
-    """One forward of the chain, shared by its per-step autograd nodes.
-
-    In forward it carries the two streams from one block's call to the next
-    (``streams``); in backward it carries the reconstructed streams and their
-    gradients from step i+1's node to step i's (``backward``). Both are
-    dropped as soon as the last user is done, so nothing outlives a step.
-    """
-
-    side_leaves: list  # the head's side inputs, flattened (tensors included)
-    side_spec: Any
-    compute_dtype: torch.dtype
-    stream_dtype: torch.dtype
-    device: torch.device
-    autocast: list[tuple[str, bool, torch.dtype]]
-    anchors: tuple[int, ...]
-    random: bool
-    probe: Probe | None = None
-    reversible: bool = True  # False: plain autograd (inference, or the stored-activation reference)
-    streams: tuple[torch.Tensor, torch.Tensor] | None = None  # after the last step run so far
-    first_in_graph: int | None = None  # the lowest step whose node autograd will call
-    backward: _Backward | None = None
-    # positions in ``side_leaves`` of side inputs that require grad (cross-attention states):
-    # inputs of every step's node, which returns its share of their gradient
-    grad_side: tuple[int, ...] = ()
-    extras: dict[int, tuple] = field(default_factory=dict)  # block → extras for its call to return
-
-    def side(self) -> tuple[tuple, dict]:
-        return tree_unflatten(self.side_leaves, self.side_spec)
-
-
-@dataclass
-class _Backward:
-    """Handed from step i+1's backward to step i's: the streams at step i+1's input, reconstructed."""
-
-    step: int  # the step these are the inputs of
-    streams: tuple[torch.Tensor, torch.Tensor]
-    grads: tuple[torch.Tensor | None, torch.Tensor | None]
+from .autocast_state import AutocastState
+from .buffers import snapshot, swapped
+from .call_arguments import get_slot, set_slot, side_signature
+from .couplings import BlockCall, Coupling, CouplingStep, _params, stream_dtype_for
+from .fsdp import is_fed, reshard_fsdp, unshard_fsdp
+from .installed_forward import InstalledHead, install_forwards, uninstall_forwards
+from .reconstruction import AnchorSet, Probe, precision_state, relative_error
+from .reversible_step import _Run, _StepFunction, _accumulate, _add, _is_new, _step_extras
+from .rng import RngState
 
 
 @dataclass
@@ -323,45 +82,9 @@ class _Pending:
     side: Any  # side_signature of the head's call
 
 
-def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
-    state = [("cpu", torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))]
-    if torch.cuda.is_available():
-        state.append(("cuda", torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
-    return state
-
-
-@contextlib.contextmanager
-def _autocast(state: list[tuple[str, bool, torch.dtype]]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for device, enabled, dtype in state:
-            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
-        yield
-
-
-def _rng_get(device: torch.device) -> list[torch.Tensor]:
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-def _rng_set(states: list[torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(states[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[1], device)
-
-
-@contextlib.contextmanager
-def _swapped(buffers: tuple[tuple[nn.Module, str], ...], values: list[torch.Tensor]) -> Iterator[None]:
-    """Run on copies of the buffers' pre-forward values, so they are not updated twice."""
-    originals = [(m, n, m._buffers[n]) for m, n in buffers]
-    for (m, n), v in zip(buffers, values):
-        m._buffers[n] = v.clone()
-    try:
-        yield
-    finally:
-        for m, n, b in originals:
-            m._buffers[n] = b
+def _autocast_now() -> AutocastState:
+    """The autocast state a step's backward recomputes under: the CPU's, and CUDA's where there is one."""
+    return AutocastState.capture(("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
 
 
 class ReversibleChain:
@@ -401,13 +124,10 @@ class ReversibleChain:
         return {**self.__dict__, "pending": None, "probe": None}
 
     def install(self) -> None:
-        self.blocks[0].forward = ReversibleHead(self)
-        for k in range(1, len(self.blocks)):
-            self.blocks[k].forward = ReversibleRelay(self, k)
+        install_forwards(self, self.blocks)
 
     def uninstall(self) -> None:
-        for b in self.blocks:
-            b.__dict__.pop("forward", None)
+        uninstall_forwards(self.blocks)
 
     def parameters(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -471,15 +191,15 @@ class ReversibleChain:
         """Coupling step i on the streams; records RNG states and buffer snapshots when asked."""
         c, step = self.coupling, self.steps[i]
         if buffers is not None:
-            buffers.extend(m._buffers[n].detach().clone() for m, n in step.buffers)
+            buffers.extend(snapshot(step.buffers))
         x1, x2 = s1, s2
         if rng is not None:
-            rng.append(_rng_get(device))
+            rng.append(RngState.capture([device]))
         f = step.f(x2.to(cdt), args, kwargs).to(sdt)
         y1 = f + x1 if c.lam == 1 else f + c.lam * x1
         if step.g is not None:
             if rng is not None:
-                rng.append(_rng_get(device))
+                rng.append(RngState.capture([device]))
             g = step.g(y1.to(cdt), args, kwargs).to(sdt)
             y2 = g + x2 if c.beta == 1 else g + c.beta * x2
         else:
@@ -509,12 +229,12 @@ class ReversibleChain:
         probe = run.probe
         where = self.name or "reversible chain"
         unshard_fsdp(self.blocks[b] for b in step.blocks)  # FSDP2: gathered again for the recompute
-        with _swapped(step.buffers, buffers):
+        with swapped(step.buffers, buffers):
             # a None gradient means none flows (an unused output): skip that
             # backward, so unused parameters get None as under plain autograd
             if step.g is not None:
                 if rng:
-                    _rng_set(rng[1], run.device)
+                    rng[1].restore()
                 if dy2 is None:
                     with torch.no_grad():
                         g = step.g(y1.to(cdt), args, kwargs).to(sdt)
@@ -536,7 +256,7 @@ class ReversibleChain:
             elif probe is not None:
                 x2 = probe.visit(i, 1, x2, where)
             if rng:
-                _rng_set(rng[0], run.device)
+                rng[0].restore()
             dx2_f = None
             if a is None:
                 with torch.no_grad():
@@ -587,7 +307,7 @@ class ReversibleChain:
         elif self.check_tolerance is not None:
             probe = Probe("check", self.check_tolerance)
         run = _Run(leaves, spec, cdt, self.stream_dtype or stream_dtype_for(cdt, self.coupling), x.device,
-                   _autocast_state(), self.anchors if anchors is None else anchors,
+                   _autocast_now(), self.anchors if anchors is None else anchors,
                    self.random or (self.random_if_training and self.blocks[0].training), probe=probe,
                    reversible=reversible, grad_side=grad_side)
         return self._run_block(0, run, x, side_signature(args, kwargs, self.hidden_slot))
@@ -650,176 +370,6 @@ class ReversibleChain:
         return self._select(s1, s2).to(cdt)
 
 
-def _step_extras(step: CouplingStep, run: _Run) -> list[tuple | None]:
-    """The extras each block of ``step`` returned in the step just run (None: it returns a plain tensor)."""
-    if not step.extras_from:
-        return [None] * len(step.blocks)
-    return [src.resolve(run.side_leaves) if isinstance(src, FixedExtras) else src.extras for src in step.extras_from]
-
-
-def _is_new(t: torch.Tensor, run: _Run) -> bool:
-    """An extra the step computed, as opposed to a side input handed back (T5 passes its position bias on)."""
-    return not any(t is leaf for leaf in run.side_leaves)
-
-
-def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None:
-        return b
-    return a if b is None else a + b
-
-
-def _accumulate(grads: dict[int, torch.Tensor], index: dict[int, int], params: list, values: tuple) -> None:
-    for p, g in zip(params, values):
-        if g is None:
-            continue
-        k = index[id(p)]
-        grads[k] = g if k not in grads else grads[k] + g
-
-
-class _StepFunction(torch.autograd.Function):
-    """One coupling step as an autograd node that saves no activation of its own.
-
-    Forward takes the streams the previous step left in the run (the tensor
-    ``h`` the block was called with only links the nodes, so backward visits
-    them in reverse order) and saves only RNG states, buffer snapshots, side
-    inputs, the exact streams if this step is an anchor, and the final streams
-    if it is the last step. Backward reconstructs the step's inputs from the
-    streams the next step's backward handed over, and hands them on; only the
-    first step returns a gradient for ``h`` (the chain input), the others pass
-    theirs through the run.
-    """
-
-    @staticmethod
-    def forward(ctx, chain: ReversibleChain, run: _Run, i: int, h: torch.Tensor, n_params: int, *inputs):
-        cdt, sdt = run.compute_dtype, run.stream_dtype
-        s1, s2 = (h.to(sdt), h.to(sdt)) if i == 0 else run.streams
-        if run.probe is not None:
-            run.probe.exact[i] = (s1, s2)
-        args, kwargs = run.side()
-        rng: list | None = [] if run.random else None
-        buffers: list = []
-        n1, n2 = chain.step_forward(i, s1, s2, args, kwargs, cdt, sdt, run.device, rng, buffers)
-        last = i == len(chain.steps) - 1
-        run.streams = None if last else (n1, n2)
-        if last and run.probe is not None:
-            run.probe.exact[i + 1] = (n1, n2)
-        anchor = i in run.anchors
-        side = [t for t in run.side_leaves if isinstance(t, torch.Tensor)]
-        rng_flat = [t for states in (rng or []) for t in states]
-        ctx.save_for_backward(*((s1, s2) if anchor else ()), *((n1, n2) if last else ()), *side, *rng_flat,
-                              *buffers)
-        ctx.layout = (anchor, last, len(side), len(rng or ()), len(buffers))
-        ctx.chain, ctx.run, ctx.i = chain, run, i
-        ctx.params, ctx.n_side = inputs[:n_params], len(inputs) - n_params
-        ctx.input_dtype = h.dtype
-        ctx.set_materialize_grads(False)  # an unused output arrives as None: no work for it
-        # extras the blocks computed (attention weights) are outputs of this node: if the loss
-        # depends on them, backward says so instead of dropping their gradient
-        new = [e for ex in _step_extras(chain.steps[i], run) if ex is not None for e in ex
-               if isinstance(e, torch.Tensor) and _is_new(e, run)]
-        new = [e if e._base is None and not any(e is x for x in inputs) else e.clone() for e in new]
-        ctx.mark_non_differentiable(*[e for e in new if not e.is_floating_point()])
-        return (chain._select(n1, n2).to(h.dtype, copy=True), *new)
-
-    @staticmethod
-    def backward(ctx, grad_out, *extra_grads):
-        chain, run, i = ctx.chain, ctx.run, ctx.i
-        if any(g is not None for g in extra_grads):
-            blocks = ", ".join(str(b) for b in chain.steps[i].blocks)
-            raise RuntimeError(
-                f"{chain.name}: the loss depends on a tensor block {blocks} returns beside its hidden state "
-                "(e.g. attention weights); a reversible chain passes gradients only through the hidden "
-                "state. Convert with strategy='checkpoint', or do not use that output in the loss")
-        anchor_saved, last, n_side, n_rng_calls, n_buf = ctx.layout
-        saved = list(ctx.saved_tensors)
-        anchor = (saved.pop(0), saved.pop(0)) if anchor_saved else None
-        final = (saved.pop(0), saved.pop(0)) if last else None
-        side, saved = saved[:n_side], saved[n_side:]
-        it = iter(side)  # the saved side tensors, in their places among the other leaves
-        leaves = [next(it) if isinstance(t, torch.Tensor) else t for t in run.side_leaves]
-        # side inputs that require grad become leaves of the recompute, differentiated with the parameters
-        side_inputs = tuple(leaves[j].detach().requires_grad_() for j in run.grad_side) if ctx.n_side else ()
-        for j, t in zip(run.grad_side, side_inputs):
-            leaves[j] = t
-        args, kwargs = tree_unflatten(leaves, run.side_spec)
-        per_state = 2 if run.device.type == "cuda" else 1
-        rng = [saved[c * per_state:(c + 1) * per_state] for c in range(n_rng_calls)]
-        buffers = saved[n_rng_calls * per_state:][:n_buf]
-
-        if last:
-            (s1, s2), (d1, d2) = final, (None, None)
-        elif run.backward is not None and run.backward.step == i + 1:
-            (s1, s2), (d1, d2) = run.backward.streams, run.backward.grads
-        else:
-            raise RuntimeError(
-                f"{chain.name}: backward reached step {i} without passing through the chain's later "
-                "steps; a reversible chain reconstructs activations from its last output, so the loss "
-                "must depend on it")
-        run.backward = None
-        d1, d2 = _add_output_grad(chain.coupling, d1, d2, grad_out, run.stream_dtype)
-        index = {id(p): j for j, p in enumerate(tuple(ctx.params) + side_inputs)}
-        grads: dict[int, torch.Tensor] = {}
-        devices = [run.device] if run.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=run.random), _autocast(run.autocast), \
-                torch.enable_grad():
-            s1, s2, d1, d2 = chain.backward_step(i, s1, s2, d1, d2, args, kwargs, run, rng, buffers,
-                                                 anchor, grads, index, side_inputs)
-        for src in chain.steps[i].extras_from:  # the recompute's extras: nobody reads them
-            if isinstance(src, BlockCall):
-                src.extras = None
-        param_grads = [grads.get(j) for j in range(len(ctx.params) + len(side_inputs))]
-        if i > (run.first_in_graph or 0):
-            run.backward = _Backward(i, (s1, s2), (d1, d2))
-            return (None, None, None, None, None, *param_grads)
-        # the first step autograd visits: the end of this backward pass through the chain
-        if run.probe is not None and run.probe.auto:
-            chain.record_anchors(run.probe, "first training step")
-            run.probe.exact = {}  # the streams stored for this one step
-        dx = _add(d1, d2)
-        dx = dx.to(ctx.input_dtype) if dx is not None and ctx.needs_input_grad[3] else None
-        return (None, None, None, dx, None, *param_grads)
-
-
-def _add_output_grad(coupling: Coupling, d1: torch.Tensor | None, d2: torch.Tensor | None,
-                     g: torch.Tensor | None, sdt: torch.dtype) -> tuple:
-    """Add the gradient of a step's output (the function stream) to the streams' gradients."""
-    if g is None:
-        return d1, d2
-    g = g.to(sdt)
-    if coupling.output == "s1":
-        return _add(d1, g), d2
-    if coupling.output == "s2":
-        return d1, _add(d2, g)
-    return _add(d1, g / 2), _add(d2, g / 2)
-
-
-class ReversibleHead:
-    """Installed as the first block's ``forward``."""
-
-    revify_installed = True
-
-    def __init__(self, chain: ReversibleChain):
-        self.chain = chain
-
-    @opaque_to_dynamo
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.chain.run_head(*args, **kwargs)
-
-
-class ReversibleRelay:
-    """Installed as the ``forward`` of every later block of the chain."""
-
-    revify_installed = True
-
-    def __init__(self, chain: ReversibleChain, index: int):
-        self.chain = chain
-        self.index = index
-
-    @opaque_to_dynamo
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.chain.run_relay(self.index, *args, **kwargs)
-
-
 @contextlib.contextmanager
 def stored_activations(model: nn.Module) -> Iterator[nn.Module]:
     """Run the converted model's reversible chains with ordinary autograd.
@@ -843,6 +393,6 @@ def reversible_chains(model: nn.Module) -> list[ReversibleChain]:
     found: dict[int, ReversibleChain] = {}
     for m in model.modules():
         fwd = m.__dict__.get("forward")
-        if isinstance(fwd, ReversibleHead):
-            found.setdefault(id(fwd.chain), fwd.chain)
+        if isinstance(fwd, InstalledHead) and isinstance(fwd.owner, ReversibleChain):
+            found.setdefault(id(fwd.owner), fwd.owner)
     return list(found.values())
