@@ -29,49 +29,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 from torch import nn
 
+from revify.passes.capture.peft_parameters import is_peft_model, peft_parameters
 from revify.sources import InputSpec
 
 _RECOMPUTE_FLAGS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
-
-
-def _is_peft_model(module: nn.Module) -> bool:
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(module, peft.PeftModel)
-
-
-def peft_parameters(model: nn.Module) -> set[int]:
-    """``id`` of every parameter PEFT added to ``model`` (empty if PEFT is not imported or not used).
-
-    Adapter weights of tuner layers (``lora_A``, ``ia3_l``, ...), the trainable
-    copies of auxiliary wrappers (``modules_to_save``, trainable tokens) and
-    prompt-learning encoders. The wrapped pretrained weights are not included.
-    """
-    if "peft" not in sys.modules:  # a model cannot hold PEFT layers unless peft was imported
-        return set()
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    found: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, BaseTunerLayer):
-            for name in m.adapter_layer_names:
-                part = getattr(m, name, None)
-                if isinstance(part, nn.Module):
-                    found.update(id(p) for p in part.parameters())
-        elif isinstance(m, AuxiliaryTrainingWrapper):
-            original = {id(p) for p in m.original_module.parameters()} if hasattr(m, "original_module") else set()
-            found.update(id(p) for p in m.parameters() if id(p) not in original)
-        encoder = getattr(m, "prompt_encoder", None)
-        if _is_peft_model(m) and isinstance(encoder, nn.Module):
-            found.update(id(p) for p in encoder.parameters())
-    return found
 
 
 def peft_note(rmodel: nn.Module) -> str | None:
@@ -272,7 +239,7 @@ def install(rmodel: nn.Module, example_inputs: Any) -> None:
     for name in _RECOMPUTE_FLAGS:
         if callable(getattr(rmodel, name, None)):  # the class's, or the wrapped model's under a PeftModel
             rmodel.__dict__[name] = KeepRevifyRecompute(rmodel, name)
-    if _is_peft_model(rmodel):  # its save_pretrained writes only the PEFT adapter: kept so, with a warning
+    if is_peft_model(rmodel):  # its save_pretrained writes only the PEFT adapter: kept so, with a warning
         if any("revify_adapter" in n for n, _ in rmodel.named_parameters()):
             rmodel.__dict__["save_pretrained"] = PeftSavePretrained(rmodel)
         return

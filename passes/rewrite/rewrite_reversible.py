@@ -32,7 +32,7 @@ from revify.runtime.adapter import Adapter
 from revify.runtime.checkpoint_segment import original_forward
 from revify.runtime.reversible_chain import (AdapterCall, BlockCall, CouplingStep, FixedExtras, HalfCall,
                                              ResidualBranch, ReversibleChain, WithAdapter)
-from revify.training_stack import peft_parameters
+from revify.passes.capture.peft_parameters import peft_parameters
 
 from revify.passes.analysis.find_chains import Rejection
 from revify.passes.planning.plan_reversible import ReversiblePlan
