@@ -28,13 +28,12 @@ from revify.passes.planning.plan_reversible import ReversibleOptions, Reversible
 from revify.passes.capture.record_calls import CallTrace, call_model, record_calls  # noqa: F401  (call_model: tests)
 from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint, share_structure
 from revify.passes.rewrite.rewrite_reversible import rewrite_reversible
-from revify.plan import Plan
+from revify.plan import STRATEGIES, Plan
 from revify.runtime.reversible_chain import stored_activations  # noqa: F401  (public)
 from revify.runtime.training_cache import analysing_without_cache, install_no_cache
 from revify.training_stack import already_converted, hf_checkpointing_off, install as install_training_stack
 from revify.units import parse_bytes
 
-STRATEGIES = ("checkpoint", "reversible", "auto")
 
 
 class RevifyError(RuntimeError):

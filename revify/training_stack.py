@@ -35,6 +35,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from revify.manifest import MANIFEST, ConversionRecord, describe_module, manifest_of, options_from_plan
 from revify.passes.capture.peft_parameters import is_peft_model, peft_parameters
 from revify.sources import InputSpec
 
@@ -112,8 +113,6 @@ def _weights_file(folder: Path) -> str | None:
 
 def write_manifest(rmodel: nn.Module, folder: Path, inputs: InputSpec, training: bool) -> None:
     """Write ``folder/revify.json`` for the Hugging Face files ``save_pretrained`` just wrote there."""
-    from revify.checkpoint_io import MANIFEST, ConversionRecord, _describe_module, _manifest, options_from_plan
-
     weights = _weights_file(folder)
     if weights is None:  # e.g. safe_serialization=False: revify.load reads safetensors only
         warnings.warn(f"revify: {folder} holds no model.safetensors; no {MANIFEST} written, so revify.load "
@@ -121,8 +120,8 @@ def write_manifest(rmodel: nn.Module, folder: Path, inputs: InputSpec, training:
         return
     record = getattr(rmodel, "_revify_record", None)
     if record is None:
-        record = ConversionRecord(_describe_module(rmodel), inputs, options_from_plan(rmodel.revify_plan), training)
-    manifest = _manifest(rmodel, record)
+        record = ConversionRecord(describe_module(rmodel), inputs, options_from_plan(rmodel.revify_plan), training)
+    manifest = manifest_of(rmodel, record)
     manifest["weights"] = weights
     tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -194,35 +193,6 @@ def already_converted(model: nn.Module) -> str | None:
         if getattr(m.__dict__.get("forward"), "revify_installed", False):
             return f"{path or '<root>'} runs a revify forward"
     return None
-
-
-def plan_prefix(module: nn.Module) -> str:
-    """Where the converted module sits inside ``module``: ``""`` when it is ``module`` itself.
-
-    ``get_peft_model(revify.revify(m, ...), config)`` wraps a converted model:
-    its ``revify_plan`` (reached through PEFT's attribute forwarding) names
-    blocks relative to the wrapped model, ``base_model.model.`` deeper here.
-    """
-    if "revify_plan" in module.__dict__:
-        return ""
-    for path, m in module.named_modules():
-        if "revify_plan" in m.__dict__:
-            return path + "."
-    return ""
-
-
-def prefix_plan_paths(plan_json: dict, prefix: str) -> dict:
-    """The plan JSON (``saved_plan.plan_to_json``) with every module path under ``prefix``."""
-    if not prefix:
-        return plan_json
-    for entry in plan_json.get("chains", []) + plan_json.get("reversible", []):
-        entry["parent"] = prefix + entry["parent"] if entry.get("parent") else prefix.rstrip(".")
-        entry["blocks"] = [prefix + b for b in entry["blocks"]]
-        if isinstance(entry.get("extra", {}).get("stem"), str):
-            entry["extra"]["stem"] = prefix + entry["extra"]["stem"]
-    for rej in plan_json.get("rejections", []):
-        rej["where"] = prefix + rej["where"]
-    return plan_json
 
 
 def install(rmodel: nn.Module, example_inputs: Any) -> None:
