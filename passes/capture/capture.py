@@ -18,6 +18,8 @@ After::
     Region("bert.encoder.layer.0", export)     # torch.export as second engine
     ...
 
+An fx region keeps its graph; analysis counts its residual adds (``count_residual_adds``).
+
 ``capture_block_graph`` captures a single block for the residual analysis,
 with the arguments it was really called with (from ``record_calls``): fx
 first, with ``None`` and constant arguments baked in, then ``torch.export``.
