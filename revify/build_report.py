@@ -17,7 +17,8 @@ from revify.memory_report import BlockMemory, ChainReport, MemoryReport
 from revify.passes.prediction.predict_memory import ChainLabel, predict_memory
 
 
-def device_of(model: Any) -> str:
+def device_name(model: Any) -> str:
+    """Where the model's parameters are, as the report prints it (``"cpu"`` for a model without any)."""
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             return str(p.device)

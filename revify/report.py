@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from revify.build_report import build_report, converted_chains, device_of, formula_predictor
+from revify.build_report import build_report, converted_chains, device_name, formula_predictor
 from revify.device_step import autocast_forward
 from revify.estimate import estimate_report
 from revify.measure import ExampleInputs, measure_step
@@ -71,7 +71,7 @@ def report(
             raise ValueError("dtype applies to measured reports; device='meta' estimates fp32 only")
         return estimate_report(model, rmodel, example_inputs, fn, formulas=formulas)
     if dtype != "fp32":
-        on = device_of(model)
+        on = device_name(model)
         with autocast_forward(model, on, dtype), autocast_forward(rmodel, on, dtype):
             return report(model, rmodel, example_inputs, fn, repeats=repeats, formulas=formulas)
     chains = converted_chains(rmodel)
@@ -89,7 +89,7 @@ def report(
     if before.saved_bytes and after.saved_bytes > before.saved_bytes:
         notes.append("revified model saves MORE for backward than the original")
     predict = None if formulas is False else formula_predictor(model, rmodel, example_inputs, fn, paths)
-    rep = build_report(before, after, rmodel, device=device_of(model), estimated=False, notes=notes,
+    rep = build_report(before, after, rmodel, device=device_name(model), estimated=False, notes=notes,
                        predict=predict, eager_formulas=bool(formulas), forward=forward)
     rep.timing = timing
     return rep

@@ -1,8 +1,8 @@
 """The dataclasses analysis hands to planning: blocks, chains, their stems, and refusals.
 
 They live apart from the passes that fill them (``find_chains`` makes ``Chain``s, ``find_stem``
-sets each one's ``StemInfo``) so that neither pass imports the other, and planning, rewrite
-and the saved-plan reader name the types without pulling in a pass.
+sets each one's ``StemInfo``) so that neither pass imports the other; ``find_chains`` still
+names them for the modules that import them from there.
 """
 from __future__ import annotations
 
