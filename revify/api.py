@@ -17,6 +17,7 @@ from torch import nn
 
 from revify.passes.rewrite.calibrate_reversible import calibrate_reversible
 from revify.passes.capture.capture import capture_regions
+from revify.passes.analysis.count_residual_adds import count_residual_adds
 from revify.passes.planning.chain_costs import Pricing
 from revify.passes.analysis.find_chains import find_chains
 from revify.passes.analysis.find_list_inputs import find_list_inputs
@@ -27,13 +28,12 @@ from revify.passes.planning.plan_reversible import ReversibleOptions, Reversible
 from revify.passes.capture.record_calls import CallTrace, call_model, record_calls  # noqa: F401  (call_model: tests)
 from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint, share_structure
 from revify.passes.rewrite.rewrite_reversible import rewrite_reversible
-from revify.plan import Plan
+from revify.plan import STRATEGIES, Plan
 from revify.runtime.reversible_chain import stored_activations  # noqa: F401  (public)
 from revify.runtime.training_cache import analysing_without_cache, install_no_cache
 from revify.training_stack import already_converted, hf_checkpointing_off, install as install_training_stack
 from revify.units import parse_bytes
 
-STRATEGIES = ("checkpoint", "reversible", "auto")
 
 
 class RevifyError(RuntimeError):
@@ -61,7 +61,7 @@ def analyse_model(model: nn.Module, example_inputs: Any, strategy: str) -> tuple
     if trace.error is not None:
         plan.errors.append(f"the model's forward raised on the example inputs: {trace.error}")
         return plan, None, None
-    plan.regions = capture_regions(model, trace)
+    plan.regions = count_residual_adds(capture_regions(model, trace))
     analysis = find_stems(model, trace, find_chains(model, trace))
     plan.rejections = list(analysis.rejections) + find_list_inputs(trace)
     return plan, trace, analysis
@@ -103,6 +103,7 @@ def _analyse(model: nn.Module, example_inputs: Any, strategy: str, options: Reve
             budget = None if memory_budget is None else parse_bytes(memory_budget)
             with analysing_without_cache(model):
                 decided = plan_budget(model, list(analysis.chains), example_inputs, budget,
+                                      per_block_reference=lambda plans: rewrite_checkpoint(model, plans)[0],
                                       allow_reversible=strategy == "auto", reversible_options=options,
                                       loss_fn=loss_fn, budget_for=budget_for, recompute_cost=recompute_cost)
             plan.chains, plan.reversible, plan.budget = decided.chains, decided.reversible, decided

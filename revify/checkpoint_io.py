@@ -29,8 +29,6 @@ import json
 import os
 import secrets
 import shutil
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,31 +36,20 @@ import torch
 from torch import nn
 
 from revify import safe_paths
+from revify.api import analyse_model, convert
 from revify.example_inputs import InputSpec
 from revify.hf_folder import read_hf_folder
-from revify.saved_plan import PlanMismatchError, RecordedPlan, apply_recorded_plan, plan_to_json
+from revify.saved_plan import PlanMismatchError, RecordedPlan, apply_recorded_plan
 from revify.source_errors import SourceError, first_line
-from revify.training_stack import plan_prefix, prefix_plan_paths
 from revify.weights_file import build_from_factory, load_state_dict_exactly
-
-FORMAT_VERSION = 1  # bump when revify.json changes in a way older readers would misread
-MANIFEST = "revify.json"
-WEIGHTS = "model.safetensors"
+# the revify.json format lives in manifest (the save_pretrained installed at conversion writes it too);
+# ConversionRecord and options_from_plan are named here as well, where the CLI and users import them
+from revify.manifest import (FORMAT_VERSION, MANIFEST, WEIGHTS, ConversionRecord, describe_module, manifest_of,
+                             options_from_plan)
 
 
 class CheckpointError(ValueError):
     """A folder cannot be written or read back; the message is one line."""
-
-
-@dataclass
-class ConversionRecord:
-    """How a converted module came to be, kept on it (``rmodel._revify_record``) for ``save``."""
-
-    source: dict  # kind: transformers | arch | pickle | module, and where from
-    inputs: InputSpec
-    options: dict  # what the conversion was asked for (strategy, coupling, tolerance, ...)
-    training: bool = True  # the mode the model was analysed in
-    files: list[Path] = field(default_factory=list)  # non-weight files to carry over (config, tokenizer)
 
 
 # --- destination and atomic writes ----------------------------------------------------------
@@ -195,25 +182,6 @@ def _load_weights(rmodel: nn.Module, file: Path, device: str | torch.device) -> 
 
 # --- revify.json -----------------------------------------------------------------------------
 
-def _versions() -> dict:
-    from revify import __version__
-
-    out = {"revify_version": __version__, "torch_version": torch.__version__}
-    if "transformers" in sys.modules:
-        out["transformers_version"] = sys.modules["transformers"].__version__
-    return out
-
-
-def _manifest(rmodel: nn.Module, record: ConversionRecord) -> dict:
-    plan = rmodel.revify_plan
-    return {"format_version": FORMAT_VERSION, **_versions(), "source": record.source,
-            "strategy": plan.strategy, "options": record.options, "inputs": record.inputs.to_json(),
-            "training": record.training, "weights": WEIGHTS,
-            "frozen": [n for n, p in rmodel.named_parameters() if not p.requires_grad],
-            # a PeftModel wrapping a converted model: block paths as seen from the outer module
-            "plan": prefix_plan_paths(plan_to_json(plan), plan_prefix(rmodel))}
-
-
 def read_manifest(folder: str | Path) -> dict:
     folder = Path(folder)
     file = folder / MANIFEST
@@ -236,25 +204,6 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 # --- save ------------------------------------------------------------------------------------
-
-def _describe_module(rmodel: nn.Module) -> dict:
-    cls = type(rmodel)
-    transformers = sys.modules.get("transformers")
-    if transformers is not None and isinstance(rmodel, transformers.PreTrainedModel) \
-            and getattr(transformers, cls.__name__, None) is cls:
-        return {"kind": "transformers", "architecture": cls.__name__}
-    return {"kind": "module", "class": f"{cls.__module__}:{cls.__qualname__}"}
-
-
-def options_from_plan(plan: Any) -> dict:
-    """The options a plan was made with: strategy, schedule, and the reversible options if any."""
-    options: dict[str, Any] = {"strategy": plan.strategy}
-    if plan.chains:
-        options["schedule"] = plan.chains[0].schedule
-    if plan.reversible:
-        options.update(dataclasses.asdict(plan.reversible[0].options))
-    return options
-
 
 def _write_config(rmodel: nn.Module, folder: Path) -> None:
     config = getattr(rmodel, "config", None)
@@ -292,10 +241,10 @@ def save(rmodel: nn.Module, path: str | Path, example_inputs: Any = None, *, for
         raise CheckpointError("revify.save: pass example_inputs= (the inputs the model was converted with) "
                               "so that revify.load can analyse the architecture again")
     if record is None:
-        record = ConversionRecord(_describe_module(rmodel), spec, options_from_plan(plan), rmodel.training)
+        record = ConversionRecord(describe_module(rmodel), spec, options_from_plan(plan), rmodel.training)
     else:
         record = dataclasses.replace(record, inputs=spec)
-    manifest = _manifest(rmodel, record)
+    manifest = manifest_of(rmodel, record)
 
     def fill(tmp: Path) -> set[str]:
         copied = set()
@@ -382,13 +331,11 @@ def _load(folder: Path, model: nn.Module | None, arch: str | None, device: str |
     except StepTooLarge as exc:
         raise CheckpointError(f"{folder}: {exc}") from None
     inputs = spec.synthesise(device)
-    from revify.api import convert
-
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     # adapters draw their initial values from the RNG; the values come from the file, the user's RNG stays
     with torch.random.fork_rng(devices=devices):
         try:
-            plan, trace = apply_recorded_plan(recorded, base, inputs)
+            plan, trace = apply_recorded_plan(recorded, base, inputs, analyse_model)
             validate_plan(plan, base)  # a recorded plan is data from disk: checked before it is applied
         except PlanMismatchError as exc:
             raise CheckpointError(f"{folder}: {exc}") from None

@@ -35,20 +35,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from revify.measure import MemoryProfile, measure_training_memory, profile_to_measurement
+from revify.measure import MemoryProfile, measure_training_memory
 from revify.passes.prediction.fake_copy import fake_copy, fake_inputs, new_fake_mode
+from revify.passes.prediction.fake_step import measure_fake_step
 from revify.passes.prediction.fake_transformers import real_mask_path
 from revify.passes.prediction.predict_memory import MemoryFormula, fit_memory
-from revify.report import MemoryReport, _chains, build_report, default_loss_fn, formula_predictor
+from revify.build_report import build_report, converted_chains, formula_predictor
+from revify.memory_report import MemoryReport
+from revify.training_step import default_loss_fn
 
 __all__ = ["estimate", "estimate_report", "fit_scaled"]
-
-
-def _measure(model: nn.Module, inputs: Any, loss_fn: Callable, paths: list[str], mode: FakeTensorMode) -> Any:
-    with torch.random.fork_rng(devices=[]), mode, real_mask_path(inputs):
-        return profile_to_measurement(measure_training_memory(model, inputs, loss_fn, paths))
 
 
 def estimate(model: nn.Module | Callable[[], nn.Module], example_inputs: Any, strategy: str = "checkpoint",
@@ -89,12 +86,12 @@ def estimate(model: nn.Module | Callable[[], nn.Module], example_inputs: Any, st
         plan, trace = api._analyse(fmodel, inputs, strategy, options, resolved)
     paths = [p for c in _chains_of_plan(plan) for p in c]
     # measured (and kept for the formulas) before converting: freeze_backbone changes what trains
-    before = _measure(fmodel, inputs, fn, paths, mode)
+    before = measure_fake_step(fmodel, inputs, fn, paths, mode)
     original = fake_copy(fmodel, mode) if plan.reversible and formulas is not False else fmodel
     _anchors_as_calibrated(plan)
     with torch.random.fork_rng(devices=[]), mode, real_mask_path(inputs):
         rmodel = api.convert(fmodel, plan, trace, inputs, calibrate=False)
-    after = _measure(rmodel, inputs, fn, paths, mode)
+    after = measure_fake_step(rmodel, inputs, fn, paths, mode)
     predict = None if formulas is False else formula_predictor(original, rmodel, inputs, fn, paths)
     return build_report(before, after, rmodel, device=str(_fake_device(fmodel)), estimated=True,
                         notes=_notes(plan), predict=predict, eager_formulas=bool(formulas))
@@ -139,9 +136,9 @@ def estimate_report(model: nn.Module, rmodel: nn.Module, example_inputs: Any,
     mode = new_fake_mode()
     fmodel, frmodel = fake_copy(model, mode), fake_copy(rmodel, mode)
     inputs = fake_inputs(example_inputs, mode)
-    paths = [p for c in _chains(rmodel) for p in c.paths]
-    before = _measure(fmodel, inputs, loss_fn, paths, mode)
-    after = _measure(frmodel, inputs, loss_fn, paths, mode)
+    paths = [p for c in converted_chains(rmodel) for p in c.paths]
+    before = measure_fake_step(fmodel, inputs, loss_fn, paths, mode)
+    after = measure_fake_step(frmodel, inputs, loss_fn, paths, mode)
     predict = None if formulas is False else formula_predictor(fmodel, frmodel, inputs, loss_fn, paths)
     return build_report(before, after, rmodel, device=str(_fake_device(fmodel)), estimated=True, notes=[],
                         predict=predict, eager_formulas=bool(formulas))

@@ -31,6 +31,9 @@ import torch
 from torch import nn
 
 from revify.example_inputs import DTYPES, InputSpec, TensorSpec
+from revify.passes.prediction.fake_copy import fake_copy, fake_inputs, new_fake_mode
+from revify.passes.prediction.fake_step import measure_fake_step
+from revify.training_step import default_loss_fn
 from revify.units import format_bytes
 
 
@@ -83,15 +86,11 @@ def _meta_inputs(spec: InputSpec) -> Any:
 def predicted_step_bytes(model: nn.Module, spec: InputSpec, device: str | torch.device = "cpu") -> int | None:
     """Parameters plus the peak of one training step of ``model`` on ``spec``, on fake tensors (None: the
     fake run failed, e.g. data-dependent control flow; then only the inputs are checked)."""
-    from revify.estimate import _measure
-    from revify.passes.prediction.fake_copy import fake_copy, fake_inputs, new_fake_mode
-    from revify.report import default_loss_fn
-
     mode = new_fake_mode()
     try:
         fmodel = fake_copy(model, mode, device)
         inputs = fake_inputs(_meta_inputs(spec), mode, device)
-        step = _measure(fmodel, inputs, default_loss_fn, [], mode)
+        step = measure_fake_step(fmodel, inputs, default_loss_fn, [], mode)
     except Exception:  # an estimate we cannot make refuses nothing; the real step still reports its failure
         return None
     return int(step.param_bytes + step.peak_bytes)

@@ -15,6 +15,8 @@ from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
 from revify.passes.planning.plan_reversible import ReversiblePlan
 from revify.units import format_bytes, format_flops
 
+STRATEGIES = ("checkpoint", "reversible", "auto")  # what a Plan's ``strategy`` may be
+
 
 @dataclass
 class Plan:

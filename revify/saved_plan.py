@@ -25,16 +25,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
-from revify.api import STRATEGIES, analyse_model
 from revify.passes.analysis.find_chains import Chain, ChainAnalysis
 from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
 from revify.passes.planning.plan_reversible import COUPLINGS, ReversibleOptions, ReversiblePlan
 from revify.passes.capture.record_calls import CallTrace
-from revify.plan import Plan
+from revify.plan import STRATEGIES, Plan
 from revify.runtime.couplings import Coupling
 
 _OPTION_FIELDS = {f.name for f in dataclasses.fields(ReversibleOptions)}
@@ -219,10 +218,14 @@ def _check_indices(what: str, paths: tuple[str, ...], n: int, used: list[int]) -
         raise PlanMismatchError(f"recorded {what} of chain {_span(paths)} points outside its {n} blocks")
 
 
-def apply_recorded_plan(recorded: RecordedPlan, model: nn.Module, example_inputs: Any) -> tuple[Plan, CallTrace]:
+def apply_recorded_plan(recorded: RecordedPlan, model: nn.Module, example_inputs: Any,
+                        analyse_model: Callable[[nn.Module, Any, str], tuple[Plan, CallTrace | None, Any]],
+                        ) -> tuple[Plan, CallTrace]:
     """Analyse ``model`` on ``example_inputs`` and attach the recorded decisions to the chains found.
 
-    The result goes to ``revify.api.convert(..., calibrate=False)``.
+    ``analyse_model`` is ``revify.api.analyse_model``, passed by the loader: the plan format sits below
+    the API (``save_pretrained``, installed at conversion, writes it). The result goes to
+    ``revify.api.convert(..., calibrate=False)``.
     """
     # the analysis does not depend on the strategy; a plan may mix checkpoint and reversible chains
     plan, trace, analysis = analyse_model(model, example_inputs,

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from revify.measure import ExampleInputs, _timed_step, _zero_grads
+from revify.training_step import ExampleInputs, timed_step, zero_grads
 
 PAIRS = 7  # default number of timed pairs: P(identical models' spread misses 1.00) = 2^(1-7)
 
@@ -69,21 +69,21 @@ def paired_step_times(before: Callable[..., Any], after: Callable[..., Any], exa
     """Warm both models up, then time ``pairs`` alternating pairs of training steps (gradients reset)."""
     pairs = max(1, int(pairs))
     for _ in range(max(0, warmup)):
-        _timed_step(before, example_inputs, loss_fn)
-        _timed_step(after, example_inputs, loss_fn)
+        timed_step(before, example_inputs, loss_fn)
+        timed_step(after, example_inputs, loss_fn)
     times_b, times_a, ratios = [], [], []
     for k in range(pairs):
         if k % 2 == 0:
-            tb = _timed_step(before, example_inputs, loss_fn)
-            ta = _timed_step(after, example_inputs, loss_fn)
+            tb = timed_step(before, example_inputs, loss_fn)
+            ta = timed_step(after, example_inputs, loss_fn)
         else:
-            ta = _timed_step(after, example_inputs, loss_fn)
-            tb = _timed_step(before, example_inputs, loss_fn)
+            ta = timed_step(after, example_inputs, loss_fn)
+            tb = timed_step(before, example_inputs, loss_fn)
         times_b.append(tb)
         times_a.append(ta)
         ratios.append(ta / tb if tb > 0 else 1.0)
-    _zero_grads(before)
-    _zero_grads(after)
+    zero_grads(before)
+    zero_grads(after)
     low, high, confidence = median_interval(ratios)
     return PairedTiming(statistics.median(times_b), statistics.median(times_a), statistics.median(ratios),
                         low, high, pairs, max(0, warmup), confidence)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,41 +36,10 @@ from typing import Any, Iterator
 from torch import nn
 
 from revify.example_inputs import InputSpec
+from revify.manifest import MANIFEST, ConversionRecord, describe_module, manifest_of, options_from_plan
+from revify.passes.capture.peft_parameters import is_peft_model, peft_parameters
 
 _RECOMPUTE_FLAGS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
-
-
-def _is_peft_model(module: nn.Module) -> bool:
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(module, peft.PeftModel)
-
-
-def peft_parameters(model: nn.Module) -> set[int]:
-    """``id`` of every parameter PEFT added to ``model`` (empty if PEFT is not imported or not used).
-
-    Adapter weights of tuner layers (``lora_A``, ``ia3_l``, ...), the trainable
-    copies of auxiliary wrappers (``modules_to_save``, trainable tokens) and
-    prompt-learning encoders. The wrapped pretrained weights are not included.
-    """
-    if "peft" not in sys.modules:  # a model cannot hold PEFT layers unless peft was imported
-        return set()
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    found: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, BaseTunerLayer):
-            for name in m.adapter_layer_names:
-                part = getattr(m, name, None)
-                if isinstance(part, nn.Module):
-                    found.update(id(p) for p in part.parameters())
-        elif isinstance(m, AuxiliaryTrainingWrapper):
-            original = {id(p) for p in m.original_module.parameters()} if hasattr(m, "original_module") else set()
-            found.update(id(p) for p in m.parameters() if id(p) not in original)
-        encoder = getattr(m, "prompt_encoder", None)
-        if _is_peft_model(m) and isinstance(encoder, nn.Module):
-            found.update(id(p) for p in encoder.parameters())
-    return found
 
 
 def peft_note(rmodel: nn.Module) -> str | None:
@@ -145,8 +113,6 @@ def _weights_file(folder: Path) -> str | None:
 
 def write_manifest(rmodel: nn.Module, folder: Path, inputs: InputSpec, training: bool) -> None:
     """Write ``folder/revify.json`` for the Hugging Face files ``save_pretrained`` just wrote there."""
-    from revify.checkpoint_io import MANIFEST, ConversionRecord, _describe_module, _manifest, options_from_plan
-
     weights = _weights_file(folder)
     if weights is None:  # e.g. safe_serialization=False: revify.load reads safetensors only
         warnings.warn(f"revify: {folder} holds no model.safetensors; no {MANIFEST} written, so revify.load "
@@ -154,8 +120,8 @@ def write_manifest(rmodel: nn.Module, folder: Path, inputs: InputSpec, training:
         return
     record = getattr(rmodel, "_revify_record", None)
     if record is None:
-        record = ConversionRecord(_describe_module(rmodel), inputs, options_from_plan(rmodel.revify_plan), training)
-    manifest = _manifest(rmodel, record)
+        record = ConversionRecord(describe_module(rmodel), inputs, options_from_plan(rmodel.revify_plan), training)
+    manifest = manifest_of(rmodel, record)
     manifest["weights"] = weights
     tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -229,35 +195,6 @@ def already_converted(model: nn.Module) -> str | None:
     return None
 
 
-def plan_prefix(module: nn.Module) -> str:
-    """Where the converted module sits inside ``module``: ``""`` when it is ``module`` itself.
-
-    ``get_peft_model(revify.revify(m, ...), config)`` wraps a converted model:
-    its ``revify_plan`` (reached through PEFT's attribute forwarding) names
-    blocks relative to the wrapped model, ``base_model.model.`` deeper here.
-    """
-    if "revify_plan" in module.__dict__:
-        return ""
-    for path, m in module.named_modules():
-        if "revify_plan" in m.__dict__:
-            return path + "."
-    return ""
-
-
-def prefix_plan_paths(plan_json: dict, prefix: str) -> dict:
-    """The plan JSON (``saved_plan.plan_to_json``) with every module path under ``prefix``."""
-    if not prefix:
-        return plan_json
-    for entry in plan_json.get("chains", []) + plan_json.get("reversible", []):
-        entry["parent"] = prefix + entry["parent"] if entry.get("parent") else prefix.rstrip(".")
-        entry["blocks"] = [prefix + b for b in entry["blocks"]]
-        if isinstance(entry.get("extra", {}).get("stem"), str):
-            entry["extra"]["stem"] = prefix + entry["extra"]["stem"]
-    for rej in plan_json.get("rejections", []):
-        rej["where"] = prefix + rej["where"]
-    return plan_json
-
-
 def install(rmodel: nn.Module, example_inputs: Any) -> None:
     """Put ``SavePretrained`` and ``KeepRevifyRecompute`` on a converted module, and note PEFT in its plan."""
     plan = rmodel.revify_plan
@@ -272,7 +209,7 @@ def install(rmodel: nn.Module, example_inputs: Any) -> None:
     for name in _RECOMPUTE_FLAGS:
         if callable(getattr(rmodel, name, None)):  # the class's, or the wrapped model's under a PeftModel
             rmodel.__dict__[name] = KeepRevifyRecompute(rmodel, name)
-    if _is_peft_model(rmodel):  # its save_pretrained writes only the PEFT adapter: kept so, with a warning
+    if is_peft_model(rmodel):  # its save_pretrained writes only the PEFT adapter: kept so, with a warning
         if any("revify_adapter" in n for n, _ in rmodel.named_parameters()):
             rmodel.__dict__["save_pretrained"] = PeftSavePretrained(rmodel)
         return

@@ -26,74 +26,14 @@ so ``inspect`` can say why a stage was left alone.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 from torch import nn
 
 from revify.passes.capture.capture import BlockGraph, capture_block_graph
 from revify.passes.analysis.check_legality import Legality, check_legality
 from revify.passes.analysis.find_residual_blocks import ResidualSpine, residual_spine
 from revify.passes.capture.record_calls import CallRecord, CallTrace
-
-if TYPE_CHECKING:
-    from revify.passes.analysis.find_stem import StemInfo
-
-
-@dataclass(frozen=True)
-class BlockInfo:
-    path: str
-    module_type: str
-    call: CallRecord
-    engine: str  # how its graph was captured: fx, export or opaque
-    residual: str  # description of the residual structure found
-    sublayers: int
-    legality: Legality
-    mutated_buffers: tuple[str, ...] = ()  # qualified names of buffers updated in forward
-
-
-@dataclass(frozen=True)
-class Chain:
-    parent: str
-    blocks: tuple[BlockInfo, ...]
-    stem: StemInfo | None = None  # what produced the first block's input (``find_stem``)
-
-    @property
-    def side_groups(self) -> tuple[int, ...]:
-        """Per block, the number of its side inputs (mask, position embeddings) among the chain's distinct ones."""
-        seen: dict[tuple, int] = {}
-        return tuple(seen.setdefault(b.call.side_signature, len(seen)) for b in self.blocks)
-
-    def parts_with_same_side_inputs(self) -> list[Chain]:
-        """Maximal runs of at least two blocks that receive the same side inputs, as chains (the whole
-        chain when all do, or when no such run exists, so that its refusal names the reason)."""
-        groups = self.side_groups
-        if len(set(groups)) <= 1:
-            return [self]
-        parts, start = [], 0
-        for k in range(1, len(groups) + 1):
-            if k == len(groups) or groups[k] != groups[start]:
-                if k - start >= 2:
-                    parts.append(Chain(self.parent, self.blocks[start:k], self.stem if start == 0 else None))
-                start = k
-        return parts or [self]
-
-    @property
-    def shared(self) -> bool:
-        """Whether one module is several blocks of the chain (called several times per forward)."""
-        return len({b.path for b in self.blocks}) < len(self.blocks)
-
-
-@dataclass(frozen=True)
-class Rejection:
-    where: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class ChainAnalysis:
-    chains: tuple[Chain, ...]
-    rejections: tuple[Rejection, ...]
+from revify.passes.analysis.call_tree import descendant_buffers
+from revify.passes.analysis.chain_types import BlockInfo, Chain, ChainAnalysis, Rejection, StemInfo  # noqa: F401  (importers name them here)
 
 
 def _linked(prev: CallRecord, cur: CallRecord) -> bool:
@@ -111,16 +51,6 @@ def _runs(children: list[CallRecord]) -> list[list[CallRecord]]:
         else:
             runs.append([rec])
     return [r for r in runs if len(r) >= 2]
-
-
-def _descendant_buffers(trace: CallTrace, rec: CallRecord) -> list[str]:
-    inside = {rec.index}
-    names = []
-    for c in trace.calls[rec.index:]:
-        if c.index == rec.index or c.parent in inside:
-            inside.add(c.index)
-            names += [f"{c.path}.{b}" if c.path else b for b in c.mutated_buffers]
-    return names
 
 
 def find_chains(model: nn.Module, trace: CallTrace) -> ChainAnalysis:
@@ -152,7 +82,7 @@ def find_chains(model: nn.Module, trace: CallTrace) -> ChainAnalysis:
                     spine = residual_spine(bg.graph, bg.entry, bg.exit) if bg.graph is not None else None
                     graphs[key] = (bg, spine)
                 bg, spine = graphs[key]
-                buffers = _descendant_buffers(trace, rec)
+                buffers = descendant_buffers(trace, rec)
                 calls = trace.call_counts.get(rec.path, 1)
                 # a shared module whose every call is a block of this run: each call is checkpointed
                 # on its own (one installed forward serves them all), so it may be called n times

@@ -29,42 +29,22 @@ Random ops are allowed: the runtime replays its RNG state.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from torch import nn
 
-from revify.passes.analysis.find_chains import Chain, ChainAnalysis, _descendant_buffers
+from revify.passes.analysis.call_tree import ancestors, descendant_buffers, subtree
+from revify.passes.analysis.chain_types import Chain, ChainAnalysis, StemInfo
 from revify.passes.capture.record_calls import CallRecord, CallTrace
 from revify.runtime.hooks import has_hooks
 
 
-@dataclass(frozen=True)
-class StemInfo:
-    path: str
-    module_type: str
-    call: CallRecord
-
-
-def _subtree(trace: CallTrace, root: CallRecord) -> set[int]:
-    inside = {root.index}
-    for c in trace.calls[root.index + 1:]:
-        if c.parent in inside:
-            inside.add(c.index)
-    return inside
-
-
-def _ancestors(trace: CallTrace, rec: CallRecord) -> set[int]:
-    out, parent = set(), rec.parent
-    while parent is not None:
-        out.add(parent)
-        parent = trace.calls[parent].parent
-    return out
 
 
 def _legal(model: nn.Module, trace: CallTrace, rec: CallRecord) -> bool:
     module = model.get_submodule(rec.path)
     return (trace.call_counts.get(rec.path, 1) == 1 and not rec.mutated_inputs
-            and not _descendant_buffers(trace, rec) and rec.example_kwargs is not None
+            and not descendant_buffers(trace, rec) and rec.example_kwargs is not None
             and not any(kind == "object" for _, kind, *_ in rec.side_signature)
             and not getattr(module.__dict__.get("forward"), "revify_installed", False)
             and not has_hooks(module, global_hooks=False))
@@ -75,10 +55,10 @@ def find_stem(model: nn.Module, trace: CallTrace, chain: Chain, blocked: set[int
     first = chain.blocks[0].call
     if first.hidden_in_id is None:
         return None
-    before = _ancestors(trace, first)
+    before = ancestors(trace, first)
     for rec in trace.calls[:first.index]:  # parents come before their children: outermost first
         if (rec.hidden_out_id == first.hidden_in_id and rec.hidden_out_version == first.hidden_in_version
-                and rec.index not in before and not _subtree(trace, rec) & blocked and _legal(model, trace, rec)):
+                and rec.index not in before and not subtree(trace, rec) & blocked and _legal(model, trace, rec)):
             return StemInfo(rec.path, rec.module_type, rec)
     return None
 
@@ -88,7 +68,7 @@ def find_stems(model: nn.Module, trace: CallTrace, analysis: ChainAnalysis) -> C
     blocked: set[int] = set()
     for chain in analysis.chains:
         for b in chain.blocks:
-            blocked |= _subtree(trace, b.call)
+            blocked |= subtree(trace, b.call)
     stems = [find_stem(model, trace, c, blocked) for c in analysis.chains]
     # a stem feeding two chains (two towers on one embedding) belongs to neither: each would count
     # freeing it, and it can be recomputed with one segment only

@@ -18,6 +18,8 @@ After::
     Region("bert.encoder.layer.0", export)     # torch.export as second engine
     ...
 
+An fx region keeps its graph; analysis counts its residual adds (``count_residual_adds``).
+
 ``capture_block_graph`` captures a single block for the residual analysis,
 with the arguments it was really called with (from ``record_calls``): fx
 first, with ``None`` and constant arguments baked in, then ``torch.export``.
@@ -25,14 +27,13 @@ first, with ``None`` and constant arguments baked in, then ``torch.export``.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from revify.passes.analysis.find_residual_blocks import find_residual_sublayers
 from revify.passes.capture.record_calls import CallRecord, CallTrace, get_slot, set_slot
 
 
@@ -42,7 +43,8 @@ class Region:
     module_type: str
     engine: str  # "fx", "export" or "eager"
     reason: str = ""
-    residual_adds: int = 0  # residual sub-layers found in the captured graph (node level)
+    residual_adds: int = 0  # residual sub-layers in its graph, counted by analysis (``count_residual_adds``)
+    graph: fx.Graph | None = field(default=None, repr=False, compare=False)  # fx regions: what was traced
 
 
 @dataclass
@@ -97,7 +99,7 @@ def capture_regions(model: nn.Module, trace: CallTrace) -> list[Region]:
             return  # never called on the example inputs
         try:
             gm = fx.symbolic_trace(module, concrete_args=_concrete_args(module, rec))
-            regions.append(Region(path, type(module).__name__, "fx", residual_adds=_count_residuals(gm.graph)))
+            regions.append(Region(path, type(module).__name__, "fx", graph=gm.graph))
             return
         except Exception as exc:  # fx raises many exception types on untraceable code
             regions.append(Region(path, type(module).__name__, "eager", _one_line(exc)))
@@ -106,11 +108,6 @@ def capture_regions(model: nn.Module, trace: CallTrace) -> list[Region]:
 
     visit("", model)
     return regions
-
-
-def _count_residuals(graph: fx.Graph) -> int:
-    entry = next((n for n in graph.nodes if n.op == "placeholder"), None)
-    return len(find_residual_sublayers(graph, entry)) if entry is not None else 0
 
 
 def _hidden_param_name(module: nn.Module, rec: CallRecord) -> str | None:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from revify.measure import _storage_key
+from revify.storage_tracking import storage_key
 # the slot primitives run on every call of a converted block, so the runtime owns them; set_slot is
 # imported from here by the passes that rewrite a call's arguments
 from revify.runtime.call_arguments import fed_tensor, get_slot, set_slot, side_signature  # noqa: F401
@@ -99,9 +99,9 @@ class _RandomOpWatcher(TorchDispatchMode):
             for rec in self.stack:
                 rec.random_ops.add(func.overloadpacket.__name__)
         out = func(*args, **(kwargs or {}))
-        inputs = {_storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and (key := _storage_key(t)) not in inputs and key is not None:
+            if isinstance(t, torch.Tensor) and (key := storage_key(t)) not in inputs and key is not None:
                 self.created.add(key)  # views, in-place and out= results alias an input: not new
         return out
 
@@ -109,7 +109,7 @@ class _RandomOpWatcher(TorchDispatchMode):
         """Bytes of the distinct storages among ``values`` that ops of this run created."""
         found = {}
         for t in tree_flatten(values)[0]:
-            if isinstance(t, torch.Tensor) and (key := _storage_key(t)) in self.created:
+            if isinstance(t, torch.Tensor) and (key := storage_key(t)) in self.created:
                 found[key] = t.untyped_storage().nbytes()
         return sum(found.values())
 

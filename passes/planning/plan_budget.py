@@ -52,7 +52,6 @@ from revify.passes.planning.plan_reversible import ReversibleOptions, Reversible
 from revify.passes.planning.profile_blocks import ChainProfile, profile_chains
 from revify.passes.planning.profile_step import StepProfile, profile_step
 from revify.passes.planning.recompute_share import ModelForward, chain_paths, measure_model_forward, recompute_share, segment_overhead_s
-from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
 from revify.passes.planning.solve_schedule import Option, Problem, Solution, min_budget, pareto, solve_within
 
 
@@ -272,17 +271,23 @@ def _plans_from(solution: Solution, profiles: list[ChainProfile], reversible_pla
 
 
 def plan_budget(model: nn.Module, chains: list[Chain], example_inputs: Any, budget: int | None, *,
+                per_block_reference: Callable[[list[ChainPlan]], nn.Module],
                 allow_reversible: bool = False, reversible_options: ReversibleOptions | None = None,
                 loss_fn: Callable[[Any], torch.Tensor] | None = None,
                 policies: tuple[str, ...] = POLICY_OPTIONS, budget_for: str = "peak",
                 recompute_cost: str = "time") -> BudgetPlan:
-    """Plan every chain for ``budget`` bytes (None: the least memory, then the least recompute)."""
+    """Plan every chain for ``budget`` bytes (None: the least memory, then the least recompute).
+
+    ``per_block_reference(plans)`` returns the model converted with ``plans`` (every block its own
+    checkpoint segment), the reference step ``profile_step`` measures; the caller passes the rewrite
+    stage's ``rewrite_checkpoint``, which planning, an earlier stage, does not import.
+    """
     Pricing(recompute_cost)  # an unknown unit fails before minutes of profiling
     log.info("planner: measuring each distinct block of %d chain(s) (%d blocks)", len(chains),
              sum(len(c.blocks) for c in chains))
     profiles = profile_chains(model, chains)
     log.info("planner: measuring one training step around the chains")
-    reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
+    reference = per_block_reference([plan_checkpoint(c, "per-block") for c in chains])
     step = profile_step(reference, chains, example_inputs, loss_fn)
     reversible_plans: list[ReversiblePlan | None] = [None] * len(chains)
     costs: list[ReversibleCost | None] = [None] * len(chains)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from revify.measure import LiveStorageTracker, _storage_key
+from revify.storage_tracking import LiveStorageTracker, storage_key
 from revify.runtime.checkpoint_call import _checkpoint
 
 from revify.passes.planning.count_flops import flop_counter
@@ -77,11 +77,11 @@ def profile_stem(model: nn.Module, stem: StemInfo, repeats: int = 3) -> StemCost
                                               dict(stem.call.example_kwargs or {})))
     tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
     device = tensors[0].device if tensors else torch.device("cpu")
-    skip = {_storage_key(t) for t in tensors + list(module.parameters()) + list(module.buffers())}
+    skip = {storage_key(t) for t in tensors + list(module.parameters()) + list(module.buffers())}
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
+        key = storage_key(t)
         if key is not None and key not in skip:
             saved[key] = t.untyped_storage().nbytes()
         return t
@@ -92,7 +92,7 @@ def profile_stem(model: nn.Module, stem: StemInfo, repeats: int = 3) -> StemCost
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out, _ = fed_tensor(module(*args, **kwargs))
             if out is not None:  # the output is the chain's input: the planner counts it there
-                saved.pop(_storage_key(out), None)
+                saved.pop(storage_key(out), None)
             del out
             tracker = LiveStorageTracker()
             with torch.no_grad(), tracker:

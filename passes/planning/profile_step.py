@@ -29,8 +29,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from revify.measure import LiveStorageTracker
-from revify.report import default_loss_fn
+from revify.storage_tracking import LiveStorageTracker
+from revify.training_step import default_loss_fn
 
 from revify.passes.analysis.find_chains import Chain
 from revify.passes.capture.record_calls import call_model, fed_tensor, get_slot

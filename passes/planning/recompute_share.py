@@ -27,14 +27,12 @@ After::
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
-from revify.measure import _sync, run_model  # _sync: a CUDA forward is timed once its kernels ran
+from revify.forward_timing import timed_forward, timed_forwards
 
 from revify.passes.planning.plan_checkpoint import Segment
 from revify.passes.planning.profile_blocks import ChainProfile
@@ -72,44 +70,15 @@ def measure_model_forward(model: nn.Module, example_inputs: Any, paths: Sequence
     """
     paths = list(dict.fromkeys(paths))
     runs: list[dict[str, float]] = []
-    starts: dict[str, float] = {}
-    current: dict[str, float] = {}
-
-    def pre(m, a, p):
-        starts[p] = time.perf_counter()
-
-    def post(m, a, o, p):
-        _sync(model)
-        current[p] = current.get(p, 0.0) + time.perf_counter() - starts.pop(p, time.perf_counter())
-
-    handles = []
-    for p in paths:
-        module = model.get_submodule(p)
-        handles.append(module.register_forward_pre_hook(lambda m, a, p=p: pre(m, a, p)))
-        handles.append(module.register_forward_hook(lambda m, a, o, p=p: post(m, a, o, p)))
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        with torch.random.fork_rng(devices=[]):
-            t0 = time.perf_counter()
-            warm = run_model(model, example_inputs)  # warm-up: the first forward runs cold
-            _sync(model)
-            del warm
-            repeats = max(3, min(most, int(seconds / max(time.perf_counter() - t0, 1e-6))))
-            for _ in range(repeats):
-                current.clear()
-                _sync(model)
-                t0 = time.perf_counter()
-                out = run_model(model, example_inputs)
-                _sync(model)
-                total = time.perf_counter() - t0
-                del out
-                runs.append({**current, "": max(0.0, total - sum(current.values()))})
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for b, value in buffers:
-                b.copy_(value)
+    with timed_forwards(model, paths) as durations:
+        warm_s = timed_forward(model, example_inputs)  # warm-up: the first forward runs cold
+        repeats = max(3, min(most, int(seconds / max(warm_s, 1e-6))))
+        for _ in range(repeats):
+            for calls in durations.values():
+                calls.clear()
+            total = timed_forward(model, example_inputs)
+            current = {p: sum(calls) for p, calls in durations.items() if calls}
+            runs.append({**current, "": max(0.0, total - sum(current.values()))})
     per_module = {p: min(r.get(p, 0.0) for r in runs) for p in paths}
     rest = min(r[""] for r in runs)
     return ModelForward(sum(per_module.values()) + rest, per_module)

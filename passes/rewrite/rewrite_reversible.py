@@ -33,7 +33,7 @@ from revify.runtime.couplings import (AdapterCall, BlockCall, CouplingStep, Fixe
                                       WithAdapter)
 from revify.runtime.installed_forward import original_forward
 from revify.runtime.reversible_chain import ReversibleChain
-from revify.training_stack import peft_parameters
+from revify.passes.capture.peft_parameters import peft_parameters
 
 from revify.passes.analysis.find_chains import Rejection
 from revify.passes.planning.plan_reversible import ReversiblePlan
