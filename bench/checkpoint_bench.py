@@ -26,8 +26,9 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 import revify
-from gpu_suite import enable_hf_checkpointing  # bench/ is the script's folder
-from revify.device_step import DTYPES, measure_step_memory, paired_step_times, precision, with_precision
+from bench_options import add_step_options, check_device  # bench/ is the script's folder
+from gpu_suite import enable_hf_checkpointing
+from revify.device_step import measure_step_memory, paired_step_times, precision, with_precision
 from revify.report import default_loss_fn, format_bytes
 
 
@@ -57,16 +58,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--pairs", type=int, default=5, help="timed steps per variant, each paired with a plain step")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="CPU steps: wall clock, or the process's CPU time (steadier on shared cores)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                    help="fp32, or bf16/fp16 autocast over fp32 weights (default fp32)")
+    add_step_options(ap, "a plain step")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("checkpoint_bench: --device cuda, but no CUDA device is available")
+    device = check_device(args, "checkpoint_bench")
 
     base = build(args.layers, args.hidden, args.seq_len).to(device)
     torch.manual_seed(1)

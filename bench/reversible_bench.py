@@ -33,8 +33,9 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import revify
-from gpu_suite import enable_hf_checkpointing  # bench/ is the script's folder
-from revify.device_step import DTYPES, measure_step_memory, paired_step_times, precision, with_precision
+from bench_options import add_step_options, check_device  # bench/ is the script's folder
+from gpu_suite import enable_hf_checkpointing
+from revify.device_step import measure_step_memory, paired_step_times, precision, with_precision
 from revify.report import default_loss_fn, format_bytes
 
 COUPLINGS = ("meft1", "meft2", "meft3")
@@ -139,15 +140,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--pairs", type=int, default=5, help="timed steps per variant, each paired with full fine-tuning")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="CPU steps: wall clock, or the process's CPU time (steadier on shared cores)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                    help="fp32, or bf16/fp16 autocast over fp32 weights (default fp32)")
+    add_step_options(ap, "full fine-tuning")
     args = ap.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("reversible_bench: --device cuda, but no CUDA device is available")
+    check_device(args, "reversible_bench")
     tables = []
     for layers in args.layers:
         tables.append(run_depth(layers, args))
