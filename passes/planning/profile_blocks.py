@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from revify.measure import LiveStorageTracker
+from revify.runtime.autocast_state import autocast_cache_off
 from revify.runtime.checkpoint_call import _checkpoint
 from revify.runtime.checkpoint_policy import SaveListedOps
 
@@ -241,7 +242,16 @@ class ChainProfile:
 
 
 def profile_chains(model: nn.Module, chains: list[Chain] | tuple[Chain, ...], repeats: int = 3) -> list[ChainProfile]:
-    """One ``BlockCost`` per block of every chain (identical blocks are measured once), and its stem's cost."""
+    """One ``BlockCost`` per block of every chain (identical blocks are measured once), and its stem's cost.
+
+    Profiled with autocast's weight-cast cache off, as checkpointed calls run (``autocast_cache_off``): op
+    indices in the plan then count the same casts as the runtime's.
+    """
+    with autocast_cache_off():
+        return _profile_chains(model, chains, repeats)
+
+
+def _profile_chains(model: nn.Module, chains: list[Chain] | tuple[Chain, ...], repeats: int) -> list[ChainProfile]:
     measured: dict[tuple, BlockCost] = {}
     profiles = []
     # record_calls keeps the arguments of the first call of each kind only: a chain whose blocks

@@ -44,3 +44,24 @@ class AutocastState:
             for device, enabled, dtype in self.entries:
                 stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
             yield
+
+
+@contextlib.contextmanager
+def autocast_cache_off() -> Iterator[None]:
+    """Run with autocast's weight-cast cache off; every other autocast setting stays as it is.
+
+    The cache keeps each weight's low-precision copy for a whole autocast
+    region, so a forward that follows another in one region runs fewer cast
+    ops than the first, and a recompute in backward (a fresh region) runs them
+    all. Selective checkpointing matches the outputs it kept by their order
+    among ops, and the planner's op lists are indices in that order: with the
+    cache on, a kept output could be handed to the wrong op. Checkpointed
+    calls and the planner's profiles run with it off, so every run casts the
+    same way. A cast gives the same values cached or not: results do not change.
+    """
+    previous = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(previous)

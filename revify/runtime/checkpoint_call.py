@@ -28,7 +28,9 @@ import torch
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
+from .autocast_state import autocast_cache_off
 from .checkpoint_policy import SaveListedOps, _context_fn
+
 
 class _PreparedFirst:
     """A recompute context that calls ``prepare`` before entering ``inner`` (a stem's rebuild, outside SAC)."""
@@ -61,6 +63,12 @@ def _after_anchors(fn: Callable, count: int, *args: Any, **kwargs: Any) -> Any:
     return fn(*args[count:], **kwargs)
 
 
+def _without_cast_cache(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    # forward and recompute cast the same weights the same number of times (see autocast_cache_off)
+    with autocast_cache_off():
+        return fn(*args, **kwargs)
+
+
 def _checkpoint(fn: Callable, policy: str | SaveListedOps, *args: Any, _prepare: Callable[[], None] | None = None,
                 _devices: Iterable[torch.device] = (), **kwargs: Any) -> Any:
     """``fn`` under a non-reentrant checkpoint with ``policy``.
@@ -69,6 +77,7 @@ def _checkpoint(fn: Callable, policy: str | SaveListedOps, *args: Any, _prepare:
     modes; ``_devices``: devices whose RNG the recompute must replay besides
     those of the tensor arguments (a module's parameters).
     """
+    fn = functools.partial(_without_cast_cache, fn)
     context_fn = _context_fn(policy)
     if _prepare is not None and context_fn is not None:  # without modes, fn itself can prepare
         context_fn = _preparing(context_fn, _prepare)
