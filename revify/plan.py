@@ -69,8 +69,14 @@ class Plan:
         if not self.planned and not self.errors:
             return ["  converted: nothing — no convertible chain of blocks found; module left unchanged"]
         if not self.converted and not self.errors:
-            return ["  converted: nothing — every chain keeps its activations (the plan already fits); "
-                    "the module runs as the original"]
+            lines = ["  converted: nothing — every chain keeps its activations (the plan already fits); "
+                     "the module runs as the original"]
+            b = self.budget
+            if b is not None:  # say why: the step as it is fits the budget asked for
+                kind = "step peak" if b.budget_for == "peak" else "activations kept for backward"
+                lines.append(f"  fits (predicted): {kind} {format_bytes(b.predicted_peak)} without recompute, "
+                             f"within the budget {format_bytes(b.budget)}")
+            return lines
         if self.errors:
             return []
         kinds = []

@@ -43,6 +43,17 @@ def test_plan_summary_leads_with_results_and_hides_capture_details(name):
     assert text.index("converted:") < text.index("schedule (budget):") < text.index("capture:")
 
 
+def test_a_plan_that_keeps_everything_says_what_fits_and_within_which_budget():
+    """A budget larger than the whole step: nothing converted, and the summary says why with the figures."""
+    case = zoo.ALL_CASES["bert"]()
+    plan = revify.revify(case.model, case.example_inputs, memory_budget="1GiB").revify_plan
+    assert not plan.converted and plan.budget is not None
+    summary = plan.summary()
+    assert "the plan already fits" in summary
+    fits = next(line for line in summary.splitlines() if line.strip().startswith("fits (predicted)"))
+    assert "without recompute, within the budget 1.00 GiB" in fits, summary
+
+
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_recompute_share_of_a_plan_is_within_one_forward_as_printed(name):
     case = getattr(zoo, name)()
