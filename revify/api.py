@@ -24,7 +24,7 @@ from revify.passes.analysis.find_list_inputs import find_list_inputs
 from revify.passes.analysis.find_stem import find_stems
 from revify.passes.planning.plan_budget import BudgetError, plan_budget
 from revify.passes.planning.plan_checkpoint import SCHEDULES, plan_checkpoint
-from revify.passes.planning.plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
+from revify.passes.planning.plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible_runs
 from revify.passes.capture.record_calls import CallTrace, call_model, record_calls  # noqa: F401  (call_model: tests)
 from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint, share_structure
 from revify.passes.rewrite.rewrite_reversible import rewrite_reversible
@@ -92,8 +92,7 @@ def _analyse(model: nn.Module, example_inputs: Any, strategy: str, options: Reve
     options = options or ReversibleOptions()
     if strategy == "reversible":
         # reversible steps run with the first block's side inputs: runs that share them (Gemma 3's sliding layers)
-        for chain in (part for c in analysis.chains for part in c.parts_with_same_side_inputs()):
-            decided = plan_reversible(chain, options, model)
+        for decided in (d for c in analysis.chains for d in plan_reversible_runs(c, options, model)):
             if isinstance(decided, ReversiblePlan):
                 plan.reversible.append(decided)
             else:

@@ -10,12 +10,15 @@ KV cache off in training calls, as users load these models.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 from torch import nn
 
 import revify
 from test_reversible import _assert_grads_close, _perturb_adapters
+from test_zoo_defaults import FAMILIES as DEFAULT_BUILDERS
 from zoo import ZooCase, _logits_loss, train_step
 
 DRAWS = (11, 12, 13)  # three fresh dropout / drop-path draws, none of them the calibration's; the last
@@ -151,8 +154,22 @@ def swin() -> ZooCase:
     return ZooCase("swin", m, _pixels(), _logits_loss, 4)
 
 
+def _default_decoder(name: str) -> Callable[[], ZooCase]:
+    """A decoder-only LM from ``test_zoo_defaults``' builder: the family's default config (``use_cache``,
+    ``layer_types``: Gemma 2 alternates sliding/full over 4 layers, Gemma 3 has 5 sliding : 1 full over 7),
+    attention / residual dropout on where the family has it."""
+    def build() -> ZooCase:
+        torch.manual_seed(0)
+        m = DEFAULT_BUILDERS[name]().train()
+        return ZooCase(name, m, _text(), _logits_loss, m.config.num_hidden_layers)
+    build.__name__ = name
+    return build
+
+
 FAMILIES = {f.__name__: f for f in (distilbert, deberta, albert, t5, bart, whisper, gpt2, llama, falcon, mamba,
                                     resnet, convnext, swin)}
+FAMILIES.update({name: _default_decoder(name) for name in ("mistral", "qwen3", "phi3", "gpt_neox", "mixtral",
+                                                            "gemma2", "gemma3")})
 
 
 def _converted(family: str, coupling: str) -> tuple[ZooCase, nn.Module]:
@@ -216,7 +233,16 @@ CONVERTS = [
     ("swin", "meft3", {"swin.encoder.layers.0", "swin.encoder.layers.1"}),  # its attention weights are None
     ("t5", "meft3", {"encoder", "decoder"}),  # hands its position bias back
     ("swin", "revnet", {"swin.encoder.layers.0", "swin.encoder.layers.1"}),
-]
+    ("mistral", "meft1", {"model"}),
+    ("mistral", "meft3", {"model"}),
+    ("qwen3", "meft1", {"model"}),
+    ("qwen3", "meft3", {"model"}),
+    ("phi3", "meft1", {"model"}),  # fused qkv and gate_up projections, residual dropout
+    ("phi3", "meft3", {"model"}),
+    ("gpt_neox", "meft1", {"gpt_neox"}),  # parallel residual (the default): meft3 refused below
+    ("mixtral", "meft1", {"model"}),  # MoE: routed experts in the MLP sub-layer
+    ("mixtral", "meft3", {"model"}),
+]  # Gemma 3: test_gemma3_converts_its_run_of_sliding_layers
 
 
 @pytest.mark.parametrize("family,coupling,parents", CONVERTS, ids=[f"{f}-{c}" for f, c, _ in CONVERTS])
@@ -241,13 +267,38 @@ def test_calibration_covers_several_dropout_draws():
     _assert_matches_stored_on_fresh_draws(case, rmodel)
 
 
-@pytest.mark.parametrize("family,coupling,reason", [
+REFUSES = [  # family, coupling, the reason's words in the plan
     ("albert", "meft1", "shared module"),
     ("falcon", "meft3", "has 1 residual sub-layer(s)"),  # parallel attention and MLP: one residual add
     ("mamba", "meft3", "has 1 residual sub-layer(s): cast(x) + f(x)"),
     ("resnet", "meft1", "with channels first: use coupling='revnet'"),
-])
+    ("gpt_neox", "meft3", "gpt_neox.layers.0 has 1 residual sub-layer(s): x + f(x)"),  # x + attn(ln1 x) + mlp(ln2 x)
+    ("gemma2", "meft1", "refused model.layers.0 … model.layers.3: blocks receive different side inputs (e.g. "
+                        "alternating sliding/full attention masks); reversible steps run every block with the first"),
+    ("gemma2", "meft3", "blocks receive different side inputs"),
+]
+
+
+@pytest.mark.parametrize("family,coupling,reason", REFUSES, ids=[f"{f}-{c}" for f, c, _ in REFUSES])
 def test_family_refusal_names_the_construct(family, coupling, reason):
     case, rmodel = _converted(family, coupling)
     assert not rmodel.revify_plan.reversible
     assert reason in rmodel.revify_plan.summary(), rmodel.revify_plan.summary()
+
+
+@pytest.mark.parametrize("coupling", ["meft1", "meft3"])
+def test_gemma3_converts_its_run_of_sliding_layers(coupling):
+    """Gemma 3 (5 sliding : 1 full, 7 layers): the sliding layers 0-4 share their mask and become one reversible
+    chain; layers 5 (full) and 6 (sliding) are in no such run: refused by name, and left unchanged."""
+    case, rmodel = _converted("gemma3", coupling)
+    plan = rmodel.revify_plan
+    assert case.model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    (rp,) = plan.reversible
+    assert [b.path for b in rp.chain.blocks] == [f"model.layers.{i}" for i in range(5)], plan.summary()
+    assert max(rp.step_errors, default=0.0) <= rp.options.tolerance, plan.summary()
+    assert "refused model.layers.5 … model.layers.6: blocks receive different side inputs (pattern AAAAABA" \
+        in plan.summary(), plan.summary()
+    assert "these blocks run unchanged" in plan.summary()
+    adapted = {n.split(".revify_adapter")[0] for n, _ in rmodel.named_parameters() if "revify_adapter" in n}
+    assert adapted and all(int(n.split("model.layers.")[1].split(".")[0]) < 5 for n in adapted), adapted
+    _assert_matches_stored_on_fresh_draws(case, rmodel)

@@ -176,3 +176,38 @@ def plan_reversible(chain: Chain, options: ReversibleOptions, model: nn.Module |
     else:
         steps = tuple((i,) for i in range(len(blocks)))
     return ReversiblePlan(chain, coupling, steps, options)
+
+
+def plan_reversible_runs(chain: Chain, options: ReversibleOptions, model: nn.Module | None = None
+                         ) -> list[ReversiblePlan | Rejection]:
+    """Plan each run of blocks that share their side inputs; refuse, by name, the blocks left outside every run.
+
+    Reversible steps run every block of a chain with the first one's side inputs, so a chain whose blocks get
+    different ones (Gemma 3: sliding layers 0-4, full layer 5, sliding layer 6) is planned per run of two or
+    more alike blocks. Before, the blocks outside every run (layers 5-6) were dropped without a word.
+
+    Before::  Chain(blocks=[layers.0 … layers.6], side_groups=(0, 0, 0, 0, 0, 1, 0))
+    After::   [ReversiblePlan(layers.0 … layers.4),
+               Rejection("layers.5 … layers.6", "blocks receive different side inputs (pattern AAAAABA) ...")]
+    """
+    parts = chain.parts_with_same_side_inputs()
+    decided: list[ReversiblePlan | Rejection] = [plan_reversible(p, options, model) for p in parts]
+    covered = {id(b) for p in parts for b in p.blocks}  # the parts hold the chain's own BlockInfo objects
+    groups = chain.side_groups
+    pattern = "".join(chr(ord("A") + g) for g in groups)
+    left: list[list[int]] = []  # consecutive ranges of block indices outside every run
+    for i, b in enumerate(chain.blocks):
+        if id(b) in covered:
+            continue
+        if left and left[-1][-1] == i - 1:
+            left[-1].append(i)
+        else:
+            left.append([i])
+    for idx in left:
+        first, last = chain.blocks[idx[0]], chain.blocks[idx[-1]]
+        where = first.path if len(idx) == 1 else f"{first.path} … {last.path}"
+        decided.append(Rejection(where, f"blocks receive different side inputs (pattern {pattern}, e.g. "
+                                        "alternating sliding/full attention masks): reversible steps run only "
+                                        "within a run of two or more blocks that share them; "
+                                        f"{'this block runs' if len(idx) == 1 else 'these blocks run'} unchanged"))
+    return decided
