@@ -21,11 +21,9 @@ import torch
 import revify
 from revify.api import analyse_model
 from revify.passes.capture.record_calls import call_model
-from revify.passes.planning.chain_costs import Pricing, SaveOpsMenus, save_ops_plan
-from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
 from revify.passes.planning.profile_blocks import profile_chains
 from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
-from zoo import ALL_CASES
+from zoo import ALL_CASES, two_block_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,19 +44,11 @@ def _two_forwards_one_region(model, case, seed: int = 1):
 
 
 def _selective(model, case, policy: str):
-    """Blocks 0-1 in one segment under ``policy`` (save_ops: a time-priced menu cut in its middle), the rest
-    recomputed in another."""
+    """Blocks 0-1 in one segment under ``policy``, the rest recomputed in another."""
     _, _, analysis = analyse_model(model, case.example_inputs, "checkpoint")
     chain = analysis.chains[0]
     (prof,) = profile_chains(model, [chain], repeats=1)
-    if policy == "save_ops":
-        menus = SaveOpsMenus(prof.blocks, Pricing("time"))
-        levels = menus.levels()
-        first = Segment(0, 2, "save_ops", *save_ops_plan(prof.blocks, 0, 2, levels[len(levels) // 2],
-                                                         Pricing("time"), menus))
-    else:
-        first = Segment(0, 2, policy)
-    rmodel, _ = rewrite_checkpoint(model, [ChainPlan(chain, (first, Segment(2, len(chain.blocks))), "test")])
+    rmodel, _ = rewrite_checkpoint(model, [two_block_plan(chain, prof, policy)])
     return rmodel
 
 

@@ -25,11 +25,9 @@ import torch
 import revify
 from revify.api import analyse_model
 from revify.device_step import measure_peak, to_device, train_step as plain_step
-from revify.passes.planning.chain_costs import Pricing, SaveOpsMenus, save_ops_plan
-from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
 from revify.passes.planning.profile_blocks import profile_chains
 from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
-from zoo import ALL_CASES, MLPResNet, ZooCase, _logits_loss, train_step
+from zoo import ALL_CASES, MLPResNet, ZooCase, _logits_loss, train_step, two_block_plan
 
 ON_CPU = os.environ.get("REVIFY_CUDA_TESTS_ON_CPU", "") not in ("", "0")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,20 +76,6 @@ def _assert_same(got, ref, what):
     assert not bad, (what, bad[:5])
 
 
-def _plan(chain, prof, policy: str, stem: bool) -> ChainPlan:
-    """Two blocks in one segment under ``policy`` (save_ops: a time-priced menu cut in its middle), the rest
-    in another; the stem recomputed with the first segment when asked."""
-    n = len(chain.blocks)
-    if policy == "save_ops":
-        menus = SaveOpsMenus(prof.blocks, Pricing("time"))
-        levels = menus.levels()
-        first = Segment(0, 2, "save_ops", *save_ops_plan(prof.blocks, 0, 2, levels[len(levels) // 2],
-                                                         Pricing("time"), menus))
-    else:
-        first = Segment(0, 2, policy)
-    return ChainPlan(chain, (first, Segment(2, n)), "test", stem=chain.stem.path if stem and chain.stem else None)
-
-
 @pytest.mark.usefixtures("deterministic")
 @pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
 def test_segments_stems_and_save_ops_replay_cuda_rng_exactly(name):
@@ -105,7 +89,7 @@ def test_segments_stems_and_save_ops_replay_cuda_rng_exactly(name):
     assert chain.stem is not None or name == "gpt2", name
     (prof,) = profile_chains(case.model, [chain], repeats=1)
     for policy, stem in (("recompute", True), ("save_matmuls", False), ("save_ops", True)):
-        rmodel, _ = rewrite_checkpoint(case.model, [_plan(chain, prof, policy, stem)])
+        rmodel, _ = rewrite_checkpoint(case.model, [two_block_plan(chain, prof, policy, stem)])
         _assert_same(train_step(rmodel, replace(case, model=rmodel)), reference, (name, policy, stem))
     planned = revify.revify(case.model, case.example_inputs, strict=True)  # the budget planner's own plan
     _assert_same(train_step(planned, replace(case, model=planned)), reference, (name, "planner"))

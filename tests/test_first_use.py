@@ -143,14 +143,7 @@ def test_cli_version_and_every_value_flag_shows_its_default(capsys):
 
 @pytest.fixture(scope="module")
 def bert_folder(tmp_path_factory):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("hf") / "bert"
-    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                             intermediate_size=64, vocab_size=100,
-                                             max_position_embeddings=64)).save_pretrained(folder)
-    return folder
+    return zoo.save_small_bert(tmp_path_factory.mktemp("hf") / "bert", hidden=32, layers=3, heads=4, vocab=100)
 
 
 def test_convert_of_a_keep_everything_plan_writes_a_loadable_folder_and_inspect_reads_it(bert_folder, tmp_path,

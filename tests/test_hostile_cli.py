@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from revify.cli import main
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 import hostile_models as hm  # noqa: E402
+from zoo import save_small_bert  # noqa: E402
 
 
 def _env(**extra: str) -> dict:
@@ -34,14 +34,7 @@ CLI = [sys.executable, "-m", "revify.cli"]
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("bert") / "bert"
-    BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=32, vocab_size=50,
-                                             max_position_embeddings=64)).save_pretrained(root)
-    return root
+    return save_small_bert(tmp_path_factory.mktemp("bert") / "bert", hidden=16, layers=2, heads=2, vocab=50)
 
 
 @pytest.fixture(scope="module")

@@ -234,3 +234,31 @@ ALL_CASES: dict[str, Callable[[], ZooCase]] = {
     f.__name__: f for f in (mlp_resnet, cnn_resnet, pre_ln_transformer, bert, roberta, gpt2, opt, llama, vit)
 }
 HF_CASES = ["bert", "roberta", "gpt2", "opt", "llama", "vit"]
+
+
+def two_block_plan(chain, prof, policy: str, stem: bool = False):
+    """Blocks 0-1 of ``chain`` in one segment under ``policy`` (save_ops: a time-priced menu cut in its
+    middle), the rest recomputed in another; the stem recomputed with the first segment when asked."""
+    from revify.passes.planning.chain_costs import Pricing, SaveOpsMenus, save_ops_plan
+    from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
+
+    n = len(chain.blocks)
+    if policy == "save_ops":
+        menus = SaveOpsMenus(prof.blocks, Pricing("time"))
+        levels = menus.levels()
+        first = Segment(0, 2, "save_ops", *save_ops_plan(prof.blocks, 0, 2, levels[len(levels) // 2],
+                                                         Pricing("time"), menus))
+    else:
+        first = Segment(0, 2, policy)
+    return ChainPlan(chain, (first, Segment(2, n)), "test", stem=chain.stem.path if stem and chain.stem else None)
+
+
+def save_small_bert(folder, hidden: int, layers: int, heads: int, vocab: int):
+    """A randomly initialised BERT classifier saved as a Hugging Face folder (the CLI's usual source)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=2 * hidden, vocab_size=vocab, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
