@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from revify.passes.capture.capture import Region
-from revify.passes.analysis.find_chains import Rejection
+from revify.passes.analysis.chain_types import Rejection
 from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
 from revify.passes.planning.plan_reversible import ReversiblePlan
 from revify.units import format_bytes, format_flops

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from revify.passes.analysis.find_chains import Chain, ChainAnalysis
+from revify.passes.analysis.chain_types import Chain, ChainAnalysis
 from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
 from revify.passes.planning.plan_reversible import COUPLINGS, ReversibleOptions, ReversiblePlan
 from revify.passes.capture.record_calls import CallTrace

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from revify.passes.analysis.find_chains import find_chains
-from revify.passes.capture.record_calls import fed_tensor, get_slot, record_calls, set_slot
+from revify.passes.capture.record_calls import record_calls
+from revify.runtime.call_arguments import fed_tensor, get_slot, set_slot
 from revify.passes.rewrite.split_sublayers import SplitError, split_block
 from zoo import ALL_CASES
 

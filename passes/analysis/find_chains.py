@@ -33,7 +33,7 @@ from revify.passes.analysis.check_legality import Legality, check_legality
 from revify.passes.analysis.find_residual_blocks import ResidualSpine, residual_spine
 from revify.passes.capture.record_calls import CallRecord, CallTrace
 from revify.passes.analysis.call_tree import descendant_buffers
-from revify.passes.analysis.chain_types import BlockInfo, Chain, ChainAnalysis, Rejection, StemInfo  # noqa: F401  (importers name them here)
+from revify.passes.analysis.chain_types import BlockInfo, Chain, ChainAnalysis, Rejection
 
 
 def _linked(prev: CallRecord, cur: CallRecord) -> bool:

@@ -18,7 +18,7 @@ After::
 """
 from __future__ import annotations
 
-from revify.passes.analysis.find_chains import Rejection
+from revify.passes.analysis.chain_types import Rejection
 from revify.passes.capture.record_calls import CallRecord, CallTrace
 
 

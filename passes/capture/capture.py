@@ -34,7 +34,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from revify.passes.capture.record_calls import CallRecord, CallTrace, get_slot, set_slot
+from revify.passes.capture.record_calls import CallRecord, CallTrace
+from revify.runtime.call_arguments import get_slot, set_slot
 
 
 @dataclass(frozen=True)

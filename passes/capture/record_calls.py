@@ -30,9 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from revify.storage_tracking import storage_key
-# the slot primitives run on every call of a converted block, so the runtime owns them; set_slot is
-# imported from here by the passes that rewrite a call's arguments
-from revify.runtime.call_arguments import fed_tensor, get_slot, set_slot, side_signature  # noqa: F401
+# the slot primitives run on every call of a converted block, so the runtime owns them
+from revify.runtime.call_arguments import fed_tensor, get_slot, side_signature
 
 
 @dataclass

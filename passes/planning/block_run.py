@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from revify.passes.analysis.find_chains import BlockInfo
+from revify.passes.analysis.chain_types import BlockInfo
 from revify.runtime.call_arguments import fed_tensor, get_slot, set_slot
 
 

@@ -46,7 +46,7 @@ from revify.units import format_bytes
 
 from revify.passes.planning.chain_costs import (POLICY_OPTIONS, ChainBases, Pricing, ReversibleCost, SaveOpsMenus, chain_options,
                           save_ops_plan)
-from revify.passes.analysis.find_chains import Chain
+from revify.passes.analysis.chain_types import Chain
 from revify.passes.planning.plan_checkpoint import ChainPlan, Segment, plan_checkpoint
 from revify.passes.planning.plan_reversible import ReversibleOptions, ReversiblePlan, plan_reversible
 from revify.passes.planning.profile_blocks import ChainProfile, profile_chains

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from revify.passes.analysis.find_chains import Chain
+from revify.passes.analysis.chain_types import Chain
 
 POLICIES = ("recompute", "save_matmuls", "save_ops")
 SCHEDULES = ("sqrt(n)", "per-block", "budget")  # "budget": plan_budget

@@ -39,7 +39,7 @@ from revify.runtime.adapter import ADAPTER_INITS
 from revify.runtime.couplings import Coupling
 from revify.runtime.reconstruction import AnchorSet
 
-from revify.passes.analysis.find_chains import Chain, Rejection
+from revify.passes.analysis.chain_types import Chain, Rejection
 
 # scalings as in the MEFT reference code; output: the stream that carries the
 # pretrained function after a step, named after the switch (s1, s2)

@@ -50,7 +50,7 @@ from revify.runtime.autocast_state import autocast_cache_off
 from revify.runtime.checkpoint_call import _checkpoint
 from revify.runtime.checkpoint_policy import SaveListedOps
 
-from revify.passes.analysis.find_chains import BlockInfo, Chain
+from revify.passes.analysis.chain_types import BlockInfo, Chain
 from revify.passes.capture.record_calls import CallRecord
 from revify.passes.planning.block_costs import BlockCost
 from revify.passes.planning.block_run import BlockRun, storage_ptr, sync

@@ -43,7 +43,7 @@ from revify.runtime.checkpoint_call import _checkpoint
 
 from revify.passes.planning.count_flops import flop_counter
 from revify.passes.analysis.find_stem import StemInfo
-from revify.passes.capture.record_calls import fed_tensor
+from revify.runtime.call_arguments import fed_tensor
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ from torch import nn
 from revify.storage_tracking import LiveStorageTracker
 from revify.training_step import default_loss_fn
 
-from revify.passes.analysis.find_chains import Chain
-from revify.passes.capture.record_calls import call_model, fed_tensor, get_slot
+from revify.passes.analysis.chain_types import Chain
+from revify.passes.capture.record_calls import call_model
+from revify.runtime.call_arguments import fed_tensor, get_slot
 
 
 @dataclass(frozen=True)

@@ -53,9 +53,10 @@ from torch.utils._pytree import tree_flatten
 from revify.runtime.reconstruction import Probe, relative_error
 from revify.runtime.reversible_chain import ReversibleChain, stored_activations
 
-from revify.passes.analysis.find_chains import Rejection
+from revify.passes.analysis.chain_types import Rejection
 from revify.passes.planning.plan_reversible import ReversiblePlan
-from revify.passes.capture.record_calls import call_model, get_slot, set_slot
+from revify.passes.capture.record_calls import call_model
+from revify.runtime.call_arguments import get_slot, set_slot
 from revify.passes.rewrite.rewrite_reversible import drop_adapters
 
 DRAWS = 3  # dropout / drop-path draws calibrated on, for a model with random ops

@@ -35,9 +35,10 @@ from revify.runtime.installed_forward import original_forward
 from revify.runtime.reversible_chain import ReversibleChain
 from revify.passes.capture.peft_parameters import peft_parameters
 
-from revify.passes.analysis.find_chains import Rejection
+from revify.passes.analysis.chain_types import Rejection
 from revify.passes.planning.plan_reversible import ReversiblePlan
-from revify.passes.capture.record_calls import CallTrace, set_slot
+from revify.passes.capture.record_calls import CallTrace
+from revify.runtime.call_arguments import set_slot
 from revify.passes.rewrite.rewrite_checkpoint import share_structure
 from revify.passes.rewrite.split_sublayers import SplitError, split_block
 

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from revify.passes.capture.record_calls import get_slot, set_slot
+from revify.runtime.call_arguments import get_slot, set_slot
 from revify.passes.rewrite.capture_block import SplitError, _capture_export, _capture_fx
 from revify.passes.rewrite.cut_block import _Half, _split
 
@@ -168,7 +168,7 @@ class BlockHalves:
 def split_block(block: nn.Module, args: tuple, kwargs: dict, hidden_slot: tuple[str, Any]) -> BlockHalves:
     """Capture ``block(*args, **kwargs)`` and split it after its first residual sub-layer.
 
-    The hidden state is at ``hidden_slot`` (see ``record_calls.get_slot``).
+    The hidden state is at ``hidden_slot`` (see ``revify.runtime.call_arguments.get_slot``).
     Raises ``SplitError`` with a one-line reason if the block cannot be split.
     """
     halves = BlockHalves(block, hidden_slot)
