@@ -41,7 +41,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from revify.measure import measure_training_memory, run_model
+from revify.measure import measure_training_memory
+from revify.step_timing import alternating_pairs
+from revify.training_step import backward, run_model, zero_grads
 
 __all__ = ["DTYPES", "precision", "to_device", "train_step", "PeakMemory", "measure_peak", "PairedTimes",
            "paired_step_times", "device_of", "Autocast", "with_precision", "autocast_forward",
@@ -141,20 +143,13 @@ def to_device(value: Any, device: str | torch.device) -> Any:
     return value
 
 
-def _zero_grads(model: Any) -> None:
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            p.grad = None
-
-
 def train_step(model: Any, inputs: Any, loss_fn: LossFn) -> None:
     """Forward, loss, backward; gradients are set to None before (``zero_grad(set_to_none=True)``)."""
-    _zero_grads(model)
+    zero_grads(model)
     out = run_model(model, inputs)
     loss = loss_fn(out)
     del out
-    if loss.requires_grad:
-        loss.backward()
+    backward(loss)
 
 
 @dataclass(frozen=True)
@@ -180,7 +175,7 @@ def measure_peak(model: Any, inputs: Any, loss_fn: LossFn, device: str | torch.d
     if device.type != "cuda":
         prof = measure_training_memory(model, inputs, loss_fn)
         return PeakMemory(prof.peak_bytes, None, None, None, "live tensors")
-    _zero_grads(model)
+    zero_grads(model)
     gc.collect()
     torch.cuda.synchronize(device)
     resident = torch.cuda.memory_allocated(device)
@@ -188,7 +183,7 @@ def measure_peak(model: Any, inputs: Any, loss_fn: LossFn, device: str | torch.d
     train_step(model, inputs, loss_fn)
     torch.cuda.synchronize(device)
     peak, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-    _zero_grads(model)
+    zero_grads(model)
     return PeakMemory(peak - resident, peak, reserved, resident, "cuda allocator")
 
 
@@ -279,14 +274,8 @@ def paired_step_times(model: Any, base: Any, inputs: Any, loss_fn: LossFn, *, pa
     for _ in range(max(0, warmup)):
         train_step(model, inputs, loss_fn)
         train_step(base, base_inputs, loss_fn)
-    times, base_times = [], []
-    for k in range(max(1, pairs)):
-        if k % 2 == 0:
-            times.append(_timed(model, inputs, loss_fn, device, clock))
-            base_times.append(_timed(base, base_inputs, loss_fn, device, clock))
-        else:
-            base_times.append(_timed(base, base_inputs, loss_fn, device, clock))
-            times.append(_timed(model, inputs, loss_fn, device, clock))
-    _zero_grads(model)
-    _zero_grads(base)
+    times, base_times = alternating_pairs(lambda: _timed(model, inputs, loss_fn, device, clock),
+                                          lambda: _timed(base, base_inputs, loss_fn, device, clock), pairs)
+    zero_grads(model)
+    zero_grads(base)
     return PairedTimes(tuple(times), tuple(base_times))

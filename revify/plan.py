@@ -73,7 +73,7 @@ class Plan:
                      "the module runs as the original"]
             b = self.budget
             if b is not None:  # say why: the step as it is fits the budget asked for
-                kind = "step peak" if b.budget_for == "peak" else "activations kept for backward"
+                kind = _bounded(b)
                 lines.append(f"  fits (predicted): {kind} {format_bytes(b.predicted_peak)} without recompute, "
                              f"within the budget {format_bytes(b.budget)}")
             return lines
@@ -89,7 +89,7 @@ class Plan:
         lines = [f"  converted: {' and '.join(kinds)}, of {total} in {n_chains} chain(s)"]
         b = self.budget
         if b is not None:
-            kind = "step peak" if b.budget_for == "peak" else "activations kept for backward"
+            kind = _bounded(b)
             kept = [e.predicted_saved_bytes for e in [*self.chains, *self.reversible]
                     if e.predicted_saved_bytes is not None]
             lines.append(f"  saves (predicted): {kind} {format_bytes(b.predicted_peak)} within the budget "
@@ -121,6 +121,11 @@ class Plan:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _bounded(budget: Any) -> str:
+    """What a budget plan's figure bounds, in the words the summary uses."""
+    return "step peak" if budget.budget_for == "peak" else "activations kept for backward"
 
 
 def _first_line(text: str) -> str:

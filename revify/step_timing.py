@@ -63,6 +63,22 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     return v[k - 1], v[n - k], confidence(k)
 
 
+def alternating_pairs(time_a: Callable[[], float], time_b: Callable[[], float],
+                      pairs: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``pairs`` steps of each: ``a`` first in even pairs, ``b`` first in odd ones, so neither
+    always follows the other (a step after a slower one can find caches cold or the clock lower)."""
+    times_a: list[float] = []
+    times_b: list[float] = []
+    for k in range(max(1, pairs)):
+        if k % 2 == 0:
+            times_a.append(time_a())
+            times_b.append(time_b())
+        else:
+            times_b.append(time_b())
+            times_a.append(time_a())
+    return times_a, times_b
+
+
 def paired_step_times(before: Callable[..., Any], after: Callable[..., Any], example_inputs: ExampleInputs,
                       loss_fn: Callable[[Any], torch.Tensor], *, pairs: int = PAIRS,
                       warmup: int = 2) -> PairedTiming:
@@ -71,17 +87,9 @@ def paired_step_times(before: Callable[..., Any], after: Callable[..., Any], exa
     for _ in range(max(0, warmup)):
         timed_step(before, example_inputs, loss_fn)
         timed_step(after, example_inputs, loss_fn)
-    times_b, times_a, ratios = [], [], []
-    for k in range(pairs):
-        if k % 2 == 0:
-            tb = timed_step(before, example_inputs, loss_fn)
-            ta = timed_step(after, example_inputs, loss_fn)
-        else:
-            ta = timed_step(after, example_inputs, loss_fn)
-            tb = timed_step(before, example_inputs, loss_fn)
-        times_b.append(tb)
-        times_a.append(ta)
-        ratios.append(ta / tb if tb > 0 else 1.0)
+    times_b, times_a = alternating_pairs(lambda: timed_step(before, example_inputs, loss_fn),
+                                         lambda: timed_step(after, example_inputs, loss_fn), pairs)
+    ratios = [ta / tb if tb > 0 else 1.0 for ta, tb in zip(times_a, times_b)]
     zero_grads(before)
     zero_grads(after)
     low, high, confidence = median_interval(ratios)
