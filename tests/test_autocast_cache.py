@@ -32,11 +32,23 @@ def _bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)  # cache_enabled=True, the default
 
 
+def _padded_batch(rows: int, length: int) -> dict:
+    """A batch as training feeds it: another shape than the example inputs, the last row padded."""
+    g = torch.Generator().manual_seed(rows * 100 + length)
+    ids = torch.randint(0, 100, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, -3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+MICRO_BATCHES = (_padded_batch(3, 9), _padded_batch(4, 7))
+
+
 def _two_forwards_one_region(model, case, seed: int = 1):
     """Two micro-batches in one autocast region (the second finds the cache warm), backward outside."""
     torch.manual_seed(seed)
     with _bf16():
-        losses = [case.loss_fn(call_model(model, case.example_inputs)) for _ in range(2)]
+        losses = [case.loss_fn(call_model(model, batch)) for batch in MICRO_BATCHES]
     (losses[0] + losses[1]).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -56,7 +68,7 @@ def _one_forward_per_region(model, case, seed: int = 1):
     """The usual AMP step: forward and loss under autocast, backward outside."""
     torch.manual_seed(seed)
     with _bf16():
-        loss = case.loss_fn(call_model(model, case.example_inputs))
+        loss = case.loss_fn(call_model(model, MICRO_BATCHES[0]))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
