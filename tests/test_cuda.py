@@ -129,6 +129,40 @@ def test_bf16_autocast_recompute_is_bit_identical(name, schedule):
     _assert_same(got, first, (name, schedule))
 
 
+def _amp_two_forwards(model, case):
+    """Two forwards in one bf16 autocast region (the second finds autocast's weight-cast cache warm, as
+    gradient accumulation inside one region does), backward outside."""
+    torch.manual_seed(1)
+    with _autocast():
+        losses = [case.loss_fn(model(**case.example_inputs)) for _ in range(2)]
+    (losses[0] + losses[1]).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return torch.stack([l.detach() for l in losses]), grads
+
+
+@pytest.mark.usefixtures("deterministic")
+@pytest.mark.parametrize("policy", ["save_matmuls", "save_ops"])
+def test_selective_segments_under_cuda_autocast_with_its_weight_cache(policy):
+    """Selective segments match kept outputs to the recompute's ops by order; autocast's weight-cast cache
+    (on by default) removes cast ops from a second forward in one region. Checkpointed calls run with the
+    cache off: one forward per region is bit-identical, two in one region run and give the same losses
+    (gradients within bf16 rounding: the original shares one cast across both forwards)."""
+    case = _on_device(ALL_CASES["bert"]())
+    first, second = _original_runs(_amp_step, case)
+    if not all(torch.equal(first[2][k], second[2][k]) for k in first[2]):
+        pytest.skip(f"the original bert is not bit-reproducible under bf16 autocast on {DEVICE}")
+    two_ref = _amp_two_forwards(case.model, case)
+    _, _, analysis = analyse_model(case.model, case.example_inputs, "checkpoint")
+    chain = analysis.chains[0]
+    (prof,) = profile_chains(case.model, [chain], repeats=1)
+    rmodel, _ = rewrite_checkpoint(case.model, [two_block_plan(chain, prof, policy)])
+    _assert_same(_amp_step(rmodel, case), first, policy)
+    losses, grads = _amp_two_forwards(rmodel, case)
+    assert torch.equal(losses, two_ref[0]), policy
+    assert grads.keys() == two_ref[1].keys() and _rel(grads, two_ref[1]) < 2e-2, policy
+
+
 def _flash():
     if DEVICE != "cuda":
         return contextlib.nullcontext()
