@@ -10,6 +10,8 @@ so that a multi-line message never reaches the user whole.
 """
 from __future__ import annotations
 
+from revify.messages import one_line
+
 
 class SourceError(ValueError):
     """SRC cannot be read, or it is not what its form claims; the message is one line."""
@@ -17,5 +19,4 @@ class SourceError(ValueError):
 
 def first_line(exc: BaseException) -> str:
     """``Type: first line of the message``, or the type alone when the message is empty."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return one_line(exc, limit=None)

@@ -390,3 +390,25 @@ def test_least_flops_prediction_is_exact_on_transformers(name):
         predicted.append(recompute_of(sol.options)[1])
         assert _backward_flops(rmodel, inputs, case.loss_fn) - base == predicted[-1], frac
     assert predicted[0] > predicted[1]
+
+
+def test_kept_and_recomputed_blocks_get_their_own_backward_scratch():
+    """On CUDA a block's backward needs other kernel scratch kept than recomputed (H200: a BERT-large layer
+    128 MiB more kept, none recomputed). Kept stretches are priced with ``backward_transient``, recomputed
+    ones with ``recompute_backward_transient``; without the latter (CPU) both use the former."""
+    from revify.passes.planning.block_costs import BlockCost
+    from revify.passes.planning.chain_costs import ChainBases, chain_options
+
+    def block(recomputed):
+        return BlockCost(input_bytes=100, saved_bytes=1000, saves_input=True, saves_output=False,
+                         forward_transient=0, backward_transient=5000, grad_bytes=0, forward_s=1e-3,
+                         selective_saved_bytes=0, selective_recompute_s=0.0, recompute_backward_transient=recomputed)
+
+    def needs(recomputed):
+        blocks = (block(recomputed),) * 2
+        options = chain_options(blocks, ChainBases(0, 0), 0, 0, policies=("keep", "recompute"))
+        return {o.label[0]: o.need for o in options if (o.start, o.end) == (0, 2)}
+
+    same, split = needs(None), needs(200)
+    assert split["keep"] == same["keep"]  # kept blocks: the kept scratch, as before
+    assert split["recompute"] == same["recompute"] - 4800  # recomputed blocks: their own, smaller scratch

@@ -23,6 +23,7 @@ import pytest
 # Top-level modules of ``revify/`` that passes and runtime may import. Each is a floor every
 # stage stands on and imports only other modules of this list, never the public surface.
 UTILITIES = {
+    "revify.messages": "one line of an exception, cut at a word: the reasons passes record and the CLI's errors",
     "revify.units": "parses and prints bytes and FLOPs; the planner's budget errors and the plan summary use it",
     "revify.training_step": "calls a model on its example inputs, derives the default loss, syncs CUDA: "
                             "how every measurement, in a pass or in the report, runs a step",

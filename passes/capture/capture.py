@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from revify.messages import one_line
 from revify.passes.capture.record_calls import CallRecord, CallTrace
 from revify.runtime.call_arguments import get_slot, set_slot
 
@@ -57,15 +58,6 @@ class BlockGraph:
     entry: fx.Node | None = None
     exit: fx.Node | None = None
     reason: str = ""
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    """The exception's first line; a long one is cut at a word boundary and marked, never mid-word."""
-    text = str(exc).strip().splitlines()
-    line = f"{type(exc).__name__}: {text[0] if text else ''}"
-    if len(line) <= limit:
-        return line
-    return line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " …"
 
 
 def _concrete_args(module: nn.Module, rec: CallRecord) -> dict[str, Any] | None:
@@ -103,7 +95,7 @@ def capture_regions(model: nn.Module, trace: CallTrace) -> list[Region]:
             regions.append(Region(path, type(module).__name__, "fx", graph=gm.graph))
             return
         except Exception as exc:  # fx raises many exception types on untraceable code
-            regions.append(Region(path, type(module).__name__, "eager", _one_line(exc)))
+            regions.append(Region(path, type(module).__name__, "eager", one_line(exc)))
         for name, child in module.named_children():
             visit(f"{path}.{name}" if path else name, child)
 
@@ -170,7 +162,7 @@ def capture_block_graph(module: nn.Module, rec: CallRecord) -> BlockGraph:
             return BlockGraph(gm.graph, "fx", entry, _first_output_leaf(gm.graph))
         reasons.append("fx: hidden input not found among placeholders")
     except Exception as exc:
-        reasons.append("fx: " + _one_line(exc))
+        reasons.append("fx: " + one_line(exc))
     try:
         wrapper = _TensorArgsOnly(module, rec)
         with torch.random.fork_rng(devices=[]):
@@ -182,5 +174,5 @@ def capture_block_graph(module: nn.Module, rec: CallRecord) -> BlockGraph:
             return BlockGraph(ep.graph, "export", entry, _first_output_leaf(ep.graph))
         reasons.append("export: hidden input not found")
     except Exception as exc:
-        reasons.append("export: " + _one_line(exc))
+        reasons.append("export: " + one_line(exc))
     return BlockGraph(None, "opaque", reason="; ".join(reasons))

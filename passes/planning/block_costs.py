@@ -83,6 +83,15 @@ class BlockCost:
     forward_flops: int = 0  # the ops' FLOPs summed (FlopCounterMode over a forward without an op profile)
     selective_recompute_flops: int = 0  # FLOPs of the ops the save_matmuls policy recomputes
     dataflow: bool = False  # ``ops`` record what they read, save and leave (recompute may elide ops)
+    # on CUDA a recomputed block's backward can need other kernel scratch than a kept one's (measured by
+    # ``profile_blocks``); None: the same as ``backward_transient``
+    recompute_backward_transient: int | None = None
+
+    def backward_transient_for(self, recomputed: bool) -> int:
+        """Peak during this block's backward above what is live when it starts, kept or recomputed."""
+        if recomputed and self.recompute_backward_transient is not None:
+            return self.recompute_backward_transient
+        return self.backward_transient
 
     @property
     def replayed(self) -> tuple[OpCost, ...] | None:

@@ -136,12 +136,12 @@ class _Runs:
         bounds = sum(x for b in range(i, j + 1) if self.boundary_alive(b, i, j))
         return self.saved[j] - self.saved[i] + bounds
 
-    def backward_need(self, i: int, j: int) -> int:
+    def backward_need(self, i: int, j: int, recomputed: bool = False) -> int:
         """Peak above the stretch's start while backward runs through blocks [i, j), all recomputed or kept."""
         n = len(self.blocks)
         later = self.grads[n] - self.grads[j]
-        return max(self.kept(i, k + 1) + self.grads[j] - self.grads[k + 1] + self.blocks[k].backward_transient
-                   for k in range(i, j)) + later
+        return max(self.kept(i, k + 1) + self.grads[j] - self.grads[k + 1]
+                   + self.blocks[k].backward_transient_for(recomputed) for k in range(i, j)) + later
 
     def forward_need(self, i: int, j: int, kept_before: list[int]) -> int:
         """Peak above the stretch's start while forward runs blocks [i, j); ``kept_before[k]``: kept ahead of k."""
@@ -293,6 +293,7 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
         own = 0 if blocks[i].saves_input else x
         for j in range(i + 1, top + 1):
             bwd = bases.base_b + runs.backward_need(i, j)
+            bwd_rec = bases.base_b + runs.backward_need(i, j, recomputed=True)
             if side_groups is not None and len(set(side_groups[i:j])) > 1:
                 if "keep" in policies:  # blocks that keep their activations may mix side inputs
                     kept_before = [runs.kept(i, k) for k in range(i, j)]
@@ -307,7 +308,7 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
                 fwd = bases.base_f + x + runs.forward_need(i, j, [0] * (j - i))
                 seconds = full[j - 1] - full[i] + blocks[j - 1].replay_s + ckpt_over[j] - ckpt_over[i]
                 flops = full_f[j - 1] - full_f[i] + blocks[j - 1].replay_flops
-                emit(i, j, x, fwd, bwd + own, seconds, flops, ("recompute", chain_index, i, j), True)
+                emit(i, j, x, fwd, bwd_rec + own, seconds, flops, ("recompute", chain_index, i, j), True)
             if "save_matmuls" in policies:
                 cached = [sum(b.selective_saved_bytes for b in blocks[i:k]) for k in range(i, j)]
                 fwd = bases.base_f + x + runs.forward_need(i, j, cached)
@@ -315,7 +316,7 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
                 seconds = (matmul_free[j - 1] - matmul_free[i] + blocks[j - 1].selective_replay_s
                            + sac_over[j] - sac_over[i])
                 flops = matmul_free_f[j - 1] - matmul_free_f[i] + blocks[j - 1].selective_replay_flops
-                emit(i, j, keep, fwd, bwd + own, seconds, flops, ("save_matmuls", chain_index, i, j), True)
+                emit(i, j, keep, fwd, bwd_rec + own, seconds, flops, ("save_matmuls", chain_index, i, j), True)
             for t in thresholds:
                 per_block = [selective.inner[k, t] for k in range(i, j - 1)] + [selective.last[j - 1, t]]
                 cached = [0]
@@ -325,7 +326,7 @@ def chain_options(blocks: tuple[BlockCost, ...], bases: ChainBases, offset: int,
                 keep = x + sum(kept for kept, _, _ in per_block)
                 seconds = sum(s for _, s, _ in per_block) + sac_over[j] - sac_over[i]
                 flops = sum(f for _, _, f in per_block)
-                emit(i, j, keep, fwd, bwd + own, seconds, flops, ("save_ops", chain_index, i, j, t, pricing.unit),
+                emit(i, j, keep, fwd, bwd_rec + own, seconds, flops, ("save_ops", chain_index, i, j, t, pricing.unit),
                      True)
     if reversible is not None and n >= 2:
         rev = _reversible_option(blocks, bases, offset, chain_index, runs, reversible, pricing)
@@ -361,7 +362,7 @@ def _reversible_option(blocks: tuple[BlockCost, ...], bases: ChainBases, offset:
     # backward: one block recomputed under autograd at a time, beside the streams being
     # reconstructed (x1, x2, y1, y2) and their gradients (d1, d2)
     grads_total = sum(rev.grad_bytes)
-    bwd = max(runs.kept(k, k + 1) + blocks[k].backward_transient for k in range(len(blocks))) \
+    bwd = max(runs.kept(k, k + 1) + blocks[k].backward_transient_for(True) for k in range(len(blocks))) \
         + 6 * stream + grads_total
     fwd = max(b.saved_bytes + b.forward_transient for b in blocks) + 3 * stream
     need = max(bases.base_f + fwd, bases.base_b + keep + bwd, bases.start_need)

@@ -85,35 +85,44 @@ def profile_block(module: nn.Module, info: BlockInfo, call_args: tuple, call_kwa
     return cost
 
 
-def _allocator_peaks(run: BlockRun) -> tuple[int, int, int]:
-    """On CUDA: (retained, forward peak, backward peak) of one forward and backward of the block, as the
-    caching allocator counts them, each above what was allocated before.
+def _allocator_excess(run: BlockRun) -> tuple[int, int, int]:
+    """On CUDA, what the caching allocator counts beyond the dispatch-level tracker, one block alone:
+    (forward transient as the allocator counts it, backward scratch of the block kept, backward scratch
+    of the block recomputed), the scratch being the allocator's backward peak less the tracker's in the
+    same run.
 
-    Kernels may allocate scratch memory that is no op's output, which the dispatch-level tracker cannot
-    see: on an H200 the MLP-ResNet block's backward (LayerNorm, two Linears, GELU) peaked 8 MiB above
-    the tracker's figure, and so did the whole step. The planner bounds ``max_memory_allocated`` there,
-    so it takes the larger of the two.
+    Kernels allocate scratch that is no op's output, which the tracker cannot see, and how much depends
+    on how the block runs: on an H200 the MLP-ResNet block's backward peaked 8 MiB above the tracker's
+    figure kept and 2 MiB recomputed; a BERT-large layer 128 MiB kept and none recomputed (bf16, the
+    step's timeline in ``bench/peak_timeline.py``). The planner bounds ``max_memory_allocated`` there,
+    so it adds each to the backward of the blocks that run that way.
     """
     dev = run.device
+    forward_transient, excess = 0, {}
+    for mode in ("keep", "recompute"):
+        run.module.zero_grad(set_to_none=True)
+        x = run.hidden()
+        tracker = LiveStorageTracker()
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        with tracker:
+            out = run(x) if mode == "keep" else _checkpoint(lambda h: run(h), "recompute", x)
+            sync(dev)
+            if mode == "keep":
+                forward_transient = torch.cuda.max_memory_allocated(dev) - torch.cuda.memory_allocated(dev)
+            grad_out = torch.randn_like(out)
+            sync(dev)
+            start = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            tracker.peak_bytes = tracked = tracker.live_bytes
+            if out.requires_grad:
+                out.backward(grad_out)
+            sync(dev)
+            allocated = torch.cuda.max_memory_allocated(dev) - start
+            excess[mode] = max(0, allocated - (tracker.peak_bytes - tracked))
+        del out, grad_out
     run.module.zero_grad(set_to_none=True)
-    x = run.hidden()
-    sync(dev)
-    base = torch.cuda.memory_allocated(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    out = run(x)
-    sync(dev)
-    retained = torch.cuda.memory_allocated(dev) - base
-    forward_peak = torch.cuda.max_memory_allocated(dev) - base
-    grad_out = torch.randn_like(out)
-    sync(dev)
-    start = torch.cuda.memory_allocated(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    if out.requires_grad:
-        out.backward(grad_out)
-    sync(dev)
-    backward_peak = torch.cuda.max_memory_allocated(dev) - start
-    run.module.zero_grad(set_to_none=True)
-    return retained, forward_peak, backward_peak
+    return max(0, forward_transient), excess["keep"], excess["recompute"]
 
 
 def _measure(run: BlockRun, repeats: int) -> BlockCost:
@@ -140,10 +149,12 @@ def _measure(run: BlockRun, repeats: int) -> BlockCost:
         backward_peak = tracker.peak_bytes - start
     x_ptr, out_ptr = storage_ptr(x), storage_ptr(out)
     forward_transient = max(0, forward_peak - retained)
+    backward_transient, recompute_backward_transient = max(0, backward_peak), None
     if run.device.type == "cuda":
-        alloc_retained, alloc_forward_peak, alloc_backward_peak = _allocator_peaks(run)
-        forward_transient = max(forward_transient, alloc_forward_peak - alloc_retained)
-        backward_peak = max(backward_peak, alloc_backward_peak)
+        allocator_forward, kept_scratch, recompute_scratch = _allocator_excess(run)
+        forward_transient = max(forward_transient, allocator_forward)
+        backward_transient, recompute_backward_transient = (backward_transient + kept_scratch,
+                                                            backward_transient + recompute_scratch)
     interior = sum(n for p, n in saved.items()
                    if p not in (x_ptr, out_ptr) and p not in run.side_ptrs and p not in run.persistent)
     input_bytes = x.untyped_storage().nbytes()
@@ -180,7 +191,8 @@ def _measure(run: BlockRun, repeats: int) -> BlockCost:
     selective_flops = sum(o.flops for o in ops if not o.kept_by_save_matmuls) if ops else forward_flops
     cost = BlockCost(
         input_bytes=input_bytes, saved_bytes=interior, saves_input=x_ptr in saved, saves_output=out_ptr in saved,
-        forward_transient=forward_transient, backward_transient=max(0, backward_peak),
+        forward_transient=forward_transient, backward_transient=backward_transient,
+        recompute_backward_transient=recompute_backward_transient,
         grad_bytes=_grad_bytes(run.module), forward_s=forward_s,
         selective_saved_bytes=max(0, selective_retained), selective_recompute_s=selective_s,
         ops=ops, replayed_ops=replayed, forward_flops=forward_flops, selective_recompute_flops=selective_flops,

@@ -58,13 +58,29 @@ class StepProfile:
 
 
 class _Recorder:
-    def __init__(self, tracker: LiveStorageTracker):
+    """Marks phases. On CUDA a phase's peak is also read from the caching allocator and the larger kept:
+    kernels allocate scratch that is no op's output (``profile_blocks._allocator_excess``)."""
+
+    def __init__(self, tracker: LiveStorageTracker, device: torch.device):
         self.tracker = tracker
         self.events: list[Event] = []
+        self.cuda = device if device.type == "cuda" else None
+        self.base = 0
+
+    def start(self) -> None:
+        if self.cuda is not None:
+            torch.cuda.synchronize(self.cuda)
+            self.base = torch.cuda.memory_allocated(self.cuda)
+            torch.cuda.reset_peak_memory_stats(self.cuda)
 
     def mark(self, kind: str, chain: int | None) -> None:
         t = self.tracker
-        self.events.append(Event(kind, chain, t.live_bytes, t.peak_bytes))
+        peak = t.peak_bytes
+        if self.cuda is not None:
+            torch.cuda.synchronize(self.cuda)
+            peak = max(peak, torch.cuda.max_memory_allocated(self.cuda) - self.base)
+            torch.cuda.reset_peak_memory_stats(self.cuda)
+        self.events.append(Event(kind, chain, t.live_bytes, peak))
         t.peak_bytes = t.live_bytes  # the next phase's peak starts here
 
 
@@ -81,7 +97,7 @@ def profile_step(rmodel: nn.Module, chains: list[Chain], example_inputs: Any,
     grads = [p.grad for p in params]
     buffers = {n: b.detach().clone() for n, b in rmodel.named_buffers()}
     tracker = LiveStorageTracker()
-    rec = _Recorder(tracker)
+    rec = _Recorder(tracker, params[0].device if params else torch.device("cpu"))
     handles = []
     for c, chain in enumerate(chains):
         first = rmodel.get_submodule(chain.blocks[0].path)
@@ -104,6 +120,7 @@ def profile_step(rmodel: nn.Module, chains: list[Chain], example_inputs: Any,
         handles.append(last.register_forward_hook(post, with_kwargs=True))
     for p in params:
         p.grad = None
+    rec.start()
     try:
         with torch.random.fork_rng(devices=[]), tracker:
             out = call_model(rmodel, example_inputs)

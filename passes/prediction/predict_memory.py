@@ -46,6 +46,7 @@ import sympy
 import torch
 from torch.utils._pytree import tree_leaves
 
+from revify.messages import one_line
 from revify.measure import CATEGORIES, MemoryProfile, measure_training_memory
 from revify.units import format_bytes, parse_bytes
 
@@ -365,24 +366,19 @@ def predict_memory(model: torch.nn.Module, example_inputs: Any,
     try:
         profile(example)
     except Exception as exc:
-        raise ValueError(f"the model does not run on fake tensors: {_one_line(exc)}") from exc
+        raise ValueError(f"the model does not run on fake tensors: {one_line(exc)}") from exc
     held = {}
     for name in symbols.symbols:
         other = _samples(symbols, name)[1]
         try:
             profile({**example, name: other})
         except Exception as exc:
-            held[name] = f"held at {example[name]}: the model raised {_one_line(exc)} at {name}={other}"
+            held[name] = f"held at {example[name]}: the model raised {one_line(exc)} at {name}={other}"
             symbols = symbols.without(name)
     axes = {name: _samples(symbols, name) for name in symbols.symbols}
     # transformers: linear in B, quadratic in S (attention); CNNs: quadratic in the image side
     return fit_memory(profile, axes, paths, example=example, meanings=_meanings(symbols), held=held, peak=peak,
                       guess={"B": 1, "S": 2}, max_degree=max_degree)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
 def _meanings(symbols: InputSymbols) -> dict[str, str]:

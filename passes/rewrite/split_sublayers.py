@@ -43,14 +43,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from revify.messages import one_line
 from revify.runtime.call_arguments import get_slot, set_slot
 from revify.passes.rewrite.capture_block import SplitError, _capture_export, _capture_fx
 from revify.passes.rewrite.cut_block import _Half, _split
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
 def _hashable(value: Any) -> Any:
@@ -143,7 +139,7 @@ class BlockHalves:
                     # a clean cut; export bakes them as constants, so it gets the last word
                     fx_refusal = exc
                 except Exception as exc:  # fx raises many exception types on untraceable code
-                    reasons.append("fx: " + _one_line(exc))
+                    reasons.append("fx: " + one_line(exc))
             idx_args, idx_kwargs = tree_unflatten(list(range(len(leaves))), spec)
             hidden_leaf = get_slot(idx_args, idx_kwargs, self.hidden_slot)
             try:
@@ -153,7 +149,7 @@ class BlockHalves:
             except Exception as exc:
                 if fx_refusal is not None:
                     raise fx_refusal from exc
-                reasons.append("export: " + _one_line(exc))
+                reasons.append("export: " + one_line(exc))
                 raise SplitError("cannot capture the block: " + "; ".join(reasons)) from exc
             return _Entry(*_split(cap, self.block), "export", keep)
 
