@@ -59,3 +59,29 @@ def test_a_failing_row_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
     status = {r["row"]: (r["status"], r["error"]) for r in data["rows"]}
     assert status == {"plain": ("ok", None), "perblock": ("error", "RuntimeError: profiling broke"),
                       "stored": ("ok", None)}
+
+
+def test_peak_timeline_marks_every_block_and_finds_the_step_peak():
+    """bench/peak_timeline.py (the tool that found the GPU's kernel scratch): on CPU the tracker's column; a
+    mark at both ends of every layer's forward and backward, and its highest peak is the step's peak as
+    revify.measure counts it."""
+    import torch
+    from peak_timeline import format_timeline, step_timeline
+    from revify.measure import measure_training_memory
+    from zoo import ALL_CASES
+
+    case = ALL_CASES["bert"]()
+    layers = {n: m for n, m in case.model.named_modules() if n.rsplit(".", 1)[-1].isdigit() and ".layer." in n}
+    assert len(layers) >= 2
+    torch.manual_seed(0)
+    marks = step_timeline(case.model, case.example_inputs, case.loss_fn, layers, torch.device("cpu"))
+    names = [m.name for m in marks]
+    assert names[0] == "start" and names[-1] == "end" and "loss" in names
+    for n in layers:
+        assert {f"fwd> {n}", f"fwd< {n}", f"bwd> {n}", f"bwd< {n}"} <= set(names), n
+    assert names.index("loss") < min(names.index(f"bwd> {n}") for n in layers)
+    torch.manual_seed(0)
+    measured = measure_training_memory(case.model, case.example_inputs, case.loss_fn).peak_bytes
+    assert max(m.peak for m in marks) == measured
+    assert all(m.alloc_peak is None for m in marks)  # no allocator column on CPU
+    assert len(format_timeline(marks)) == len(marks) + 2
