@@ -90,6 +90,7 @@ def _analyse(model: nn.Module, example_inputs: Any, strategy: str, options: Reve
     if analysis is None:
         return plan, trace
     options = options or ReversibleOptions()
+    plan.found = (sum(len(c.blocks) for c in analysis.chains), len(analysis.chains))
     if strategy == "reversible":
         # reversible steps run with the first block's side inputs: runs that share them (Gemma 3's sliding layers)
         for decided in (d for c in analysis.chains for d in plan_reversible_runs(c, options, model)):

@@ -28,6 +28,9 @@ class Plan:
     errors: list[str] = field(default_factory=list)  # why nothing was converted, if so
     budget: Any = None  # the budget planner's BudgetPlan: budget, predicted peak, Pareto front
     notes: list[str] = field(default_factory=list)  # how the converted module fits the training stack (PEFT, ...)
+    # (blocks, chains) the analyses found; the headline counts against them, since a chain may be converted
+    # in part (Gemma 3: a reversible run of 5 of its 7 layers). None (a plan read back from disk): the plans'
+    found: tuple[int, int] | None = None
 
     @property
     def converted(self) -> bool:
@@ -86,6 +89,8 @@ class Plan:
         if self.reversible:
             kinds.append(f"{sum(len(rp.chain.blocks) for rp in self.reversible)} block(s) made reversible")
         total = sum(len(e.chain.blocks) for e in [*self.chains, *self.reversible])
+        if self.found is not None:
+            total, n_chains = max(total, self.found[0]), max(n_chains, self.found[1])
         lines = [f"  converted: {' and '.join(kinds)}, of {total} in {n_chains} chain(s)"]
         b = self.budget
         if b is not None:

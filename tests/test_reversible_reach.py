@@ -299,6 +299,7 @@ def test_gemma3_converts_its_run_of_sliding_layers(coupling):
     assert "refused model.layers.5 … model.layers.6: blocks receive different side inputs (pattern AAAAABA" \
         in plan.summary(), plan.summary()
     assert "these blocks run unchanged" in plan.summary()
+    assert "converted: 5 block(s) made reversible, of 7 in 1 chain(s)" in plan.summary(), plan.summary()
     adapted = {n.split(".revify_adapter")[0] for n, _ in rmodel.named_parameters() if "revify_adapter" in n}
     assert adapted and all(int(n.split("model.layers.")[1].split(".")[0]) < 5 for n in adapted), adapted
     _assert_matches_stored_on_fresh_draws(case, rmodel)
