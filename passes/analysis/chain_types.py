@@ -45,6 +45,18 @@ class Chain:
         seen: dict[tuple, int] = {}
         return tuple(seen.setdefault(b.call.side_signature, len(seen)) for b in self.blocks)
 
+    @property
+    def side_inputs_from_blocks(self) -> tuple[int, ...]:
+        """Blocks whose side inputs include a tensor an earlier block of the chain computed and returned
+        (T5: blocks 1… receive the position bias block 0 computes)."""
+        made: set[int] = set()
+        fed = []
+        for k, b in enumerate(self.blocks):
+            if made & set(_tensor_ids(b.call.side_signature)):
+                fed.append(k)
+            made.update(b.call.computed_extra_ids)
+        return tuple(fed)
+
     def parts_with_same_side_inputs(self) -> list[Chain]:
         """Maximal runs of at least two blocks that receive the same side inputs, as chains (the whole
         chain when all do, or when no such run exists, so that its refusal names the reason)."""
@@ -75,3 +87,15 @@ class Rejection:
 class ChainAnalysis:
     chains: tuple[Chain, ...]
     rejections: tuple[Rejection, ...]
+
+
+def _tensor_ids(signature: tuple) -> list[int]:
+    """The ids of the tensors in a ``side_signature`` (tuples of rotary cos/sin included)."""
+    ids = []
+    for entry in signature:
+        kind, ident = entry[-2], entry[-1]
+        if kind == "tensor":
+            ids.append(ident)
+        elif kind in ("tuple", "object") and isinstance(ident, tuple):
+            ids += _tensor_ids(ident)
+    return ids

@@ -61,6 +61,9 @@ class CallRecord:
     # bytes of the tensor inputs that this forward created (not the caller's inputs, parameters or
     # buffers): what a checkpoint of this call would keep alive (``find_stem``)
     created_input_bytes: int = 0
+    # tensors the call returned beside the fed one that it computed (not one of its inputs handed back):
+    # T5's first block returns the position bias that the later blocks receive as a side input
+    computed_extra_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -184,6 +187,9 @@ def record_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
             rec.hidden_out_dtype = str(out.dtype)
             rec.hidden_out_id = id(out)
             rec.hidden_out_version = out._version
+        inputs = {id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        rec.computed_extra_ids = tuple(id(t) for t in tree_flatten(output)[0]  # kept alive: ids stay unique
+                                       if isinstance(t, torch.Tensor) and t is not out and id(t) not in inputs)
         buf_versions, in_versions = pending_versions.pop(rec.index)
         rec.mutated_buffers = [n for n, b in module.named_buffers(recurse=False)
                                if n not in buf_versions or buf_versions[n][0] != b._version

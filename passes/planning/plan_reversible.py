@@ -157,9 +157,19 @@ def plan_reversible(chain: Chain, options: ReversibleOptions, model: nn.Module |
         return Rejection(where, "shared module: one module is several blocks of this chain (called several times "
                                 "per forward, as in ALBERT); a reversible chain needs one module per coupling step, "
                                 "since its adapters and installed forward live on the module")
-    if len(set(chain.side_groups)) > 1:
-        return Rejection(where, "blocks receive different side inputs (e.g. alternating sliding/full attention "
-                                "masks); reversible steps run every block with the first one's")
+    fed = chain.side_inputs_from_blocks
+    if fed:
+        k = fed[0]
+        return Rejection(where, f"{blocks[k].path} receives a tensor an earlier block of the chain computed and "
+                                "returned (T5's position bias); its gradient would flow between coupling steps "
+                                "outside the hidden state")
+    groups = chain.side_groups
+    if base.name == "revnet" and any(groups[i] != groups[i + 1] for i in range(0, len(groups) - 1, 2)):
+        # a RevNet step runs two blocks (F, G) at the first one's call, with its side inputs; MEFT steps
+        # are one block each and run with that block's own (Gemma 2's alternating masks)
+        return Rejection(where, "coupling='revnet' pairs consecutive blocks into one step, and these pairs "
+                                "receive different side inputs (e.g. alternating sliding/full attention masks); "
+                                "use a MEFT coupling, whose steps are one block each")
     shape = first.call.hidden_in_shape or ()
     if base.name != "revnet" and len(shape) not in (2, 3) and not (
             len(shape) > 3 and model is not None and features_last(model.get_submodule(first.path), shape)):
@@ -180,16 +190,21 @@ def plan_reversible(chain: Chain, options: ReversibleOptions, model: nn.Module |
 
 def plan_reversible_runs(chain: Chain, options: ReversibleOptions, model: nn.Module | None = None
                          ) -> list[ReversiblePlan | Rejection]:
-    """Plan each run of blocks that share their side inputs; refuse, by name, the blocks left outside every run.
+    """The whole chain where it can be planned; else each run of blocks that share their side inputs, and
+    a refusal, by name, of the blocks left outside every run.
 
-    Reversible steps run every block of a chain with the first one's side inputs, so a chain whose blocks get
-    different ones (Gemma 3: sliding layers 0-4, full layer 5, sliding layer 6) is planned per run of two or
-    more alike blocks. Before, the blocks outside every run (layers 5-6) were dropped without a word.
+    MEFT steps are one block each and run with that block's own side inputs, so Gemma 3 (sliding layers
+    0-4, full layer 5, sliding layer 6) is one chain. A RevNet step runs two blocks with the first one's,
+    so there a chain whose pairs get different side inputs is planned per run of alike blocks.
 
     Before::  Chain(blocks=[layers.0 … layers.6], side_groups=(0, 0, 0, 0, 0, 1, 0))
-    After::   [ReversiblePlan(layers.0 … layers.4),
-               Rejection("layers.5 … layers.6", "blocks receive different side inputs (pattern AAAAABA) ...")]
+    After::   [ReversiblePlan(layers.0 … layers.6)]                                  (meft1, meft2, meft3)
+              [ReversiblePlan(layers.0 … layers.4),
+               Rejection("layers.5 … layers.6", "... (pattern AAAAABA) ...")]        (revnet)
     """
+    whole = plan_reversible(chain, options, model)
+    if isinstance(whole, ReversiblePlan) or len(set(chain.side_groups)) <= 1:
+        return [whole]
     parts = chain.parts_with_same_side_inputs()
     decided: list[ReversiblePlan | Rejection] = [plan_reversible(p, options, model) for p in parts]
     covered = {id(b) for p in parts for b in p.blocks}  # the parts hold the chain's own BlockInfo objects

@@ -80,24 +80,26 @@ def _set_training(model: nn.Module, flags: dict[nn.Module, bool] | None) -> dict
 
 def measure_start(model: nn.Module, rmodel: nn.Module, chains: list[ReversibleChain],
                   plans: list[ReversiblePlan], example_inputs: Any) -> None:
-    calls: dict[int, tuple[tuple, dict]] = {}
+    calls: dict[tuple[int, int], tuple[tuple, dict]] = {}  # (chain, block) -> the block's call
     hooks = []
     for j, chain in enumerate(chains):
-        def grab(module, args, kwargs, j=j):
-            calls.setdefault(j, (args, kwargs))
-        hooks.append(chain.blocks[0].register_forward_pre_hook(grab, with_kwargs=True))
+        for k, block in enumerate(chain.blocks):
+            def grab(module, args, kwargs, key=(j, k)):
+                calls.setdefault(key, (args, kwargs))
+            hooks.append(block.register_forward_pre_hook(grab, with_kwargs=True))
     flags_r, flags_m = _set_training(rmodel, None), _set_training(model, None)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             out_r = _first_float(call_model(rmodel, example_inputs))
             out_m = _first_float(call_model(model, example_inputs))
             for j, (chain, plan) in enumerate(zip(chains, plans)):
-                if j not in calls or plan.coupling.name == "revnet":
+                firsts = [step.blocks[0] for step in chain.steps]
+                if any((j, k) not in calls for k in firsts) or plan.coupling.name == "revnet":
                     continue  # revnet does not keep the pretrained function: only the output error
-                args, kwargs = calls[j]
-                x = get_slot(args, kwargs, chain.hidden_slot)
-                side_args, side_kwargs = set_slot(args, kwargs, chain.hidden_slot, None)
-                err, bound, _ = chain.start_point(x, side_args, side_kwargs)
+                x = get_slot(*calls[j, 0], chain.hidden_slot)
+                # each step with its own block's side inputs (Gemma 2's masks differ between layers)
+                sides = [set_slot(*calls[j, k], chain.hidden_slot, None) for k in firsts]
+                err, bound, _ = chain.start_point(x, sides)
                 plan.start_error = err
                 plan.start_bound = None if plan.coupling.name == "revnet" else bound
         output_error = relative_error(out_r, out_m) if out_r is not None and out_m is not None \

@@ -102,6 +102,12 @@ def build_chain(rmodel: nn.Module, plan: ReversiblePlan) -> ReversibleChain:
     name = plan.coupling.name
     dim = (infos[0].call.hidden_in_shape or (0,))[-1]
     buffers = [tuple(_resolve(rmodel, n) for n in b.mutated_buffers) for b in infos]
+    # the recorded call of each block's kind (record_calls keeps the first call with given side inputs):
+    # Gemma 2's full-attention layers split on a full mask, its sliding ones on a sliding-window mask
+    recorded = {}
+    for b in infos:
+        if b.call.example_args is not None:
+            recorded.setdefault(b.call.side_signature, b.call)
     steps = []
     for idx in plan.steps:
         i = idx[0]
@@ -122,7 +128,7 @@ def build_chain(rmodel: nn.Module, plan: ReversiblePlan) -> ReversibleChain:
             steps.append(CouplingStep(AdapterCall(af), WithAdapter(calls[i], ag), (af,), (block, ag), idx,
                                       step_buffers, calls[i], (calls[i],)))
         elif name == "meft3":
-            call = infos[0].call  # the recorded call: later blocks share its side inputs
+            call = recorded.get(infos[i].call.side_signature, infos[0].call)
             if i == 0:
                 extras = FixedExtras(_meft3_extras(forwards[0], call))
             halves = split_block(block, tuple(call.example_args), dict(call.example_kwargs or {}), slot)

@@ -58,7 +58,6 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from .autocast_state import AutocastState
 from .buffers import snapshot, swapped
@@ -67,7 +66,7 @@ from .couplings import BlockCall, Coupling, CouplingStep, _params, stream_dtype_
 from .fsdp import is_fed, reshard_fsdp, unshard_fsdp
 from .installed_forward import InstalledHead, install_forwards, uninstall_forwards
 from .reconstruction import AnchorSet, Probe, precision_state, relative_error
-from .reversible_step import _Run, _StepFunction, _accumulate, _add, _is_new, _step_extras
+from .reversible_step import _Run, _Side, _StepFunction, _accumulate, _add, _is_new, _step_extras
 from .rng import RngState
 
 
@@ -79,7 +78,7 @@ class _Pending:
     next_block: int
     output: torch.Tensor  # the previous block's output
     version: int
-    side: Any  # side_signature of the head's call
+    side: Any  # side_signature of the previous block's call
 
 
 def _autocast_now() -> AutocastState:
@@ -154,7 +153,7 @@ class ReversibleChain:
             self.anchor_sets[found.precision] = found
         return found
 
-    def start_point(self, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[float, float, list[float]]:
+    def start_point(self, x: torch.Tensor, sides: list[tuple[tuple, dict]]) -> tuple[float, float, list[float]]:
         """Chain output against the pretrained blocks, and the bound the scaling implies.
 
         Step i's function stream differs from the pretrained block applied to
@@ -162,7 +161,8 @@ class ReversibleChain:
         adapters' output): ``ρ_i`` is that deviation relative to the block's
         output. If the pretrained blocks do not amplify perturbations, the
         chain output is within ``Π(1 + ρ_i) − 1`` of the original. Both are
-        measured on ``x``; returns (error, bound, ρ per step).
+        measured on ``x``, each step with ``sides[i]`` (its block's side inputs; one pair: all steps');
+        returns (error, bound, ρ per step).
         """
         cdt = x.dtype
         sdt = self.stream_dtype or stream_dtype_for(cdt, self.coupling)
@@ -170,6 +170,7 @@ class ReversibleChain:
             s1 = s2 = x.to(sdt)
             h, rhos = x, []
             for i, step in enumerate(self.steps):
+                args, kwargs = sides[i] if len(sides) > 1 else sides[0]
                 ref = step.reference(self._select(s1, s2).to(cdt), args, kwargs)
                 s1, s2 = self.step_forward(i, s1, s2, args, kwargs, cdt, sdt)
                 rhos.append(relative_error(self._select(s1, s2), ref))
@@ -290,13 +291,10 @@ class ReversibleChain:
         if not isinstance(x, torch.Tensor):
             raise RuntimeError(f"{self.name}: the first block was called without its hidden-state tensor; "
                                "a reversible chain must be called as it was at conversion")
-        side_args, side_kwargs = set_slot(args, kwargs, self.hidden_slot, None)
-        leaves, spec = tree_flatten((side_args, side_kwargs))
-        grad_side = tuple(j for j, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad) \
-            if torch.is_grad_enabled() else ()
+        side = _Side.of(*set_slot(args, kwargs, self.hidden_slot, None), torch.is_grad_enabled())
         cdt = x.dtype
         reversible = torch.is_grad_enabled() and not self.stored and (
-            x.requires_grad or bool(grad_side) or any(p.requires_grad for p in self.parameters()))
+            x.requires_grad or bool(side.grad) or any(p.requires_grad for p in self.parameters()))
         precision = precision_state(x)
         probe, anchors = self.probe, self.anchors_for(precision)
         if probe is not None:  # calibration at conversion: find every anchor afresh
@@ -306,20 +304,30 @@ class ReversibleChain:
             probe, anchors = Probe("calibrate", self.tolerance, precision=precision, auto=True), ()
         elif self.check_tolerance is not None:
             probe = Probe("check", self.check_tolerance)
-        run = _Run(leaves, spec, cdt, self.stream_dtype or stream_dtype_for(cdt, self.coupling), x.device,
+        run = _Run({0: side}, cdt, self.stream_dtype or stream_dtype_for(cdt, self.coupling), x.device,
                    _autocast_now(), self.anchors if anchors is None else anchors,
                    self.random or (self.random_if_training and self.blocks[0].training), probe=probe,
-                   reversible=reversible, grad_side=grad_side)
+                   reversible=reversible)
         return self._run_block(0, run, x, side_signature(args, kwargs, self.hidden_slot))
 
     def run_relay(self, k: int, *args: Any, **kwargs: Any) -> Any:
-        """A later block: check it is fed the previous block's output, then compute its step."""
+        """A later block: check it is fed the previous block's output, then compute its step.
+
+        A block that starts a step brings that step's side inputs (Gemma 2 alternates sliding-window
+        and full attention masks); the second block of a RevNet step (G), whose step ran at the first
+        block's call, must be called with the first one's."""
         pending, self.pending = self.pending, None
         if pending is not None and pending.next_block == k:
             h = get_slot(args, kwargs, self.hidden_slot)
+            signature = side_signature(args, kwargs, self.hidden_slot)
+            i = self.step_of_block[k]
+            starts_step = self.steps[i].blocks[0] == k
             if (is_fed(h, pending.output) and pending.output._version == pending.version
-                    and side_signature(args, kwargs, self.hidden_slot) == pending.side):
-                return self._run_block(k, pending.run, h, pending.side)
+                    and (starts_step or signature == pending.side)):
+                if starts_step:
+                    pending.run.sides[i] = _Side.of(*set_slot(args, kwargs, self.hidden_slot, None),
+                                                    torch.is_grad_enabled())
+                return self._run_block(k, pending.run, h, signature)
         raise RuntimeError(
             f"{self.name}: block {k} of a reversible chain was called with something other than the "
             "previous block's output (the parent changed the hidden state between blocks, or called "
@@ -339,9 +347,9 @@ class ReversibleChain:
     def _place_extras(self, i: int, run: _Run, returned: tuple | None) -> None:
         """File each block's extras for its call to return; ``returned`` replaces the step node's new tensors."""
         it = iter(returned or ())
-        for b, ex in zip(self.steps[i].blocks, _step_extras(self.steps[i], run)):
+        for b, ex in zip(self.steps[i].blocks, _step_extras(self.steps[i], run, i)):
             if ex is not None and returned is not None:
-                ex = tuple(next(it) if isinstance(e, torch.Tensor) and _is_new(e, run) else e for e in ex)
+                ex = tuple(next(it) if isinstance(e, torch.Tensor) and _is_new(e, run, i) else e for e in ex)
             if ex is not None:
                 run.extras[b] = ex
         for src in self.steps[i].extras_from:  # handed on: the block call need not keep them alive
@@ -354,7 +362,7 @@ class ReversibleChain:
         unshard_fsdp(self.blocks[b] for b in step.blocks[1:])
         if run.reversible:
             params = self.step_params(i)
-            side = [run.side_leaves[j] for j in run.grad_side]
+            side = [run.sides[i].leaves[j] for j in run.sides[i].grad]
             out, *extras = _StepFunction.apply(self, run, i, h, len(params), *params, *side)
             self._place_extras(i, run, tuple(extras))
             if run.first_in_graph is None and out.requires_grad:
@@ -363,7 +371,7 @@ class ReversibleChain:
         # inference, or the reference mode: the same coupled function under plain autograd
         cdt, sdt = run.compute_dtype, run.stream_dtype
         s1, s2 = (h.to(sdt), h.to(sdt)) if i == 0 else run.streams
-        args, kwargs = run.side()
+        args, kwargs = run.side(i)
         s1, s2 = self.step_forward(i, s1, s2, args, kwargs, cdt, sdt)
         run.streams = None if i == len(self.steps) - 1 else (s1, s2)
         self._place_extras(i, run, None)

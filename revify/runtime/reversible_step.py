@@ -23,12 +23,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .autocast_state import AutocastState
 from .couplings import BlockCall, Coupling, CouplingStep, FixedExtras
 from .reconstruction import Probe
 from .rng import RngState
+
+
+@dataclass
+class _Side:
+    """One block call's side inputs (mask, position embeddings), flattened, and which of them require grad."""
+
+    leaves: list  # tensors included
+    spec: Any
+    # positions in ``leaves`` of side inputs that require grad (cross-attention states): inputs of the
+    # step's node, which returns its share of their gradient
+    grad: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict, grad_enabled: bool) -> "_Side":
+        leaves, spec = tree_flatten((args, kwargs))
+        grad = tuple(j for j, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad) \
+            if grad_enabled else ()
+        return cls(leaves, spec, grad)
+
+    def unflatten(self, leaves: list | None = None) -> tuple[tuple, dict]:
+        return tree_unflatten(self.leaves if leaves is None else leaves, self.spec)
 
 
 @dataclass
@@ -41,8 +62,9 @@ class _Run:
     dropped as soon as the last user is done, so nothing outlives a step.
     """
 
-    side_leaves: list  # the head's side inputs, flattened (tensors included)
-    side_spec: Any
+    # per step, the side inputs of the call of its block: each step runs with its own (Gemma 2 and 3
+    # alternate sliding-window and full attention masks between layers)
+    sides: dict[int, _Side]
     compute_dtype: torch.dtype
     stream_dtype: torch.dtype
     device: torch.device
@@ -54,13 +76,10 @@ class _Run:
     streams: tuple[torch.Tensor, torch.Tensor] | None = None  # after the last step run so far
     first_in_graph: int | None = None  # the lowest step whose node autograd will call
     backward: _Backward | None = None
-    # positions in ``side_leaves`` of side inputs that require grad (cross-attention states):
-    # inputs of every step's node, which returns its share of their gradient
-    grad_side: tuple[int, ...] = ()
     extras: dict[int, tuple] = field(default_factory=dict)  # block → extras for its call to return
 
-    def side(self) -> tuple[tuple, dict]:
-        return tree_unflatten(self.side_leaves, self.side_spec)
+    def side(self, i: int) -> tuple[tuple, dict]:
+        return self.sides[i].unflatten()
 
 
 @dataclass
@@ -72,16 +91,17 @@ class _Backward:
     grads: tuple[torch.Tensor | None, torch.Tensor | None]
 
 
-def _step_extras(step: CouplingStep, run: _Run) -> list[tuple | None]:
-    """The extras each block of ``step`` returned in the step just run (None: it returns a plain tensor)."""
+def _step_extras(step: CouplingStep, run: _Run, i: int) -> list[tuple | None]:
+    """The extras each block of step ``i`` returned in the step just run (None: it returns a plain tensor)."""
     if not step.extras_from:
         return [None] * len(step.blocks)
-    return [src.resolve(run.side_leaves) if isinstance(src, FixedExtras) else src.extras for src in step.extras_from]
+    leaves = run.sides[i].leaves
+    return [src.resolve(leaves) if isinstance(src, FixedExtras) else src.extras for src in step.extras_from]
 
 
-def _is_new(t: torch.Tensor, run: _Run) -> bool:
-    """An extra the step computed, as opposed to a side input handed back (T5 passes its position bias on)."""
-    return not any(t is leaf for leaf in run.side_leaves)
+def _is_new(t: torch.Tensor, run: _Run, i: int) -> bool:
+    """An extra step ``i`` computed, as opposed to a side input handed back (T5 passes its position bias on)."""
+    return not any(t is leaf for leaf in run.sides[i].leaves)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -119,7 +139,7 @@ class _StepFunction(torch.autograd.Function):
         s1, s2 = (h.to(sdt), h.to(sdt)) if i == 0 else run.streams
         if run.probe is not None:
             run.probe.exact[i] = (s1, s2)
-        args, kwargs = run.side()
+        args, kwargs = run.side(i)
         rng: list[RngState] | None = [] if run.random else None
         buffers: list = []
         n1, n2 = chain.step_forward(i, s1, s2, args, kwargs, cdt, sdt, run.device, rng, buffers)
@@ -128,7 +148,7 @@ class _StepFunction(torch.autograd.Function):
         if last and run.probe is not None:
             run.probe.exact[i + 1] = (n1, n2)
         anchor = i in run.anchors
-        side = [t for t in run.side_leaves if isinstance(t, torch.Tensor)]
+        side = [t for t in run.sides[i].leaves if isinstance(t, torch.Tensor)]
         rng_flat = [t for state in (rng or []) for t in state.tensors()]
         ctx.save_for_backward(*((s1, s2) if anchor else ()), *((n1, n2) if last else ()), *side, *rng_flat,
                               *buffers)
@@ -139,8 +159,8 @@ class _StepFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output arrives as None: no work for it
         # extras the blocks computed (attention weights) are outputs of this node: if the loss
         # depends on them, backward says so instead of dropping their gradient
-        new = [e for ex in _step_extras(chain.steps[i], run) if ex is not None for e in ex
-               if isinstance(e, torch.Tensor) and _is_new(e, run)]
+        new = [e for ex in _step_extras(chain.steps[i], run, i) if ex is not None for e in ex
+               if isinstance(e, torch.Tensor) and _is_new(e, run, i)]
         new = [e if e._base is None and not any(e is x for x in inputs) else e.clone() for e in new]
         ctx.mark_non_differentiable(*[e for e in new if not e.is_floating_point()])
         return (chain._select(n1, n2).to(h.dtype, copy=True), *new)
@@ -160,12 +180,13 @@ class _StepFunction(torch.autograd.Function):
         final = (saved.pop(0), saved.pop(0)) if last else None
         side, saved = saved[:n_side], saved[n_side:]
         it = iter(side)  # the saved side tensors, in their places among the other leaves
-        leaves = [next(it) if isinstance(t, torch.Tensor) else t for t in run.side_leaves]
+        own = run.sides[i]
+        leaves = [next(it) if isinstance(t, torch.Tensor) else t for t in own.leaves]
         # side inputs that require grad become leaves of the recompute, differentiated with the parameters
-        side_inputs = tuple(leaves[j].detach().requires_grad_() for j in run.grad_side) if ctx.n_side else ()
-        for j, t in zip(run.grad_side, side_inputs):
+        side_inputs = tuple(leaves[j].detach().requires_grad_() for j in own.grad) if ctx.n_side else ()
+        for j, t in zip(own.grad, side_inputs):
             leaves[j] = t
-        args, kwargs = tree_unflatten(leaves, run.side_spec)
+        args, kwargs = own.unflatten(leaves)
         cuda = (run.device,) if run.device.type == "cuda" else ()
         per_state = 1 + len(cuda)
         rng = [RngState.from_tensors(cuda, saved[c * per_state:(c + 1) * per_state]) for c in range(n_rng_calls)]
