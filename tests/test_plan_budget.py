@@ -8,19 +8,17 @@ from dataclasses import replace
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import flop_registry
 
 import revify
-from revify.api import analyse_model
 from revify.measure import measure_memory
 from revify.passes.planning.chain_costs import POLICY_OPTIONS
 from revify.passes.planning.plan_budget import build_problem, checkpoint_plans, recompute_of, schedule_path
 from revify.passes.planning.plan_checkpoint import ChainPlan, Segment, plan_checkpoint
-from revify.passes.planning.profile_blocks import profile_chains
-from revify.passes.planning.profile_step import profile_step
 from revify.passes.capture.record_calls import call_model
 from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
 from revify.passes.planning.solve_schedule import min_budget, path_peak, rounding_slack, solve, solve_within
+from planner_helpers import backward_flops, planner_profile
 from zoo import ALL_CASES, MLPResNet, PreLNTransformer, ZooCase, _logits_loss, train_step
 
 
@@ -34,18 +32,9 @@ def _deep_transformer() -> ZooCase:
 CASES = {"deep_transformer": _deep_transformer, **{k: ALL_CASES[k] for k in ("cnn_resnet", "bert", "llama")}}
 
 
-def _planner_profile(model, inputs, loss_fn):
-    """The planner's measuring passes: (chains, block profiles, step profile)."""
-    _, _, analysis = analyse_model(model, inputs, "checkpoint")
-    chains = list(analysis.chains)
-    profiles = profile_chains(model, chains, repeats=1)
-    reference, _ = rewrite_checkpoint(model, [plan_checkpoint(c, "per-block") for c in chains])
-    return chains, profiles, profile_step(reference, chains, inputs, loss_fn)
-
-
 def _planner_problem(model, inputs, loss_fn, **build):
     """The planner's passes up to the solver: (chains, block profiles, problem)."""
-    chains, profiles, step = _planner_profile(model, inputs, loss_fn)
+    chains, profiles, step = planner_profile(model, inputs, loss_fn)
     return chains, profiles, build_problem(profiles, step, **build)
 
 
@@ -189,7 +178,7 @@ def test_reversible_option_counts_the_flops_its_backward_recomputes(coupling):
     torch.manual_seed(0)
     model = MLPResNet(dim=64, n_blocks=6).train()
     inputs = (torch.randn(128, 64),)
-    chains, profiles, _ = _planner_profile(model, inputs, _logits_loss)
+    chains, profiles, _ = planner_profile(model, inputs, _logits_loss)
     cost = _reversible_cost(model, profiles[0], ReversibleOptions(coupling=coupling))
     (option,) = [o for o in chain_options(profiles[0].blocks, ChainBases(0, 0), 0, 0, reversible=cost)
                  if o.label[0] == "reversible"]
@@ -283,22 +272,11 @@ def test_save_ops_thresholds_split_the_savable_bytes():
     assert not any(o.index % 5 == 4 for o in menus.kept(block, ALL_STEPS, last=False))
 
 
-def _backward_flops(model, inputs, loss_fn=_logits_loss) -> int:
-    """FLOPs of one backward, recomputation included (the forward runs outside the counter, seeded)."""
-    torch.manual_seed(1)
-    loss = loss_fn(call_model(model, inputs))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
 def _mlp_profile(seed: int = 0):
     torch.manual_seed(seed)
     model = MLPResNet(dim=128, n_blocks=8).train()
     inputs = (torch.randn(64, 128),)
-    return (model, inputs, *_planner_profile(model, inputs, _logits_loss))
+    return (model, inputs, *planner_profile(model, inputs, _logits_loss))
 
 
 def test_least_flops_plans_recompute_exactly_the_predicted_flops():
@@ -312,7 +290,7 @@ def test_least_flops_plans_recompute_exactly_the_predicted_flops():
     by_time = replace(by_flops, options=tuple(replace(o, cost=o.parts[0]) for o in by_flops.options))
     block = profiles[0].blocks[0]
     assert block.forward_flops == 2 * 2 * 64 * 128 * 256  # two matmuls, 64 rows, 128 -> 256 -> 128
-    base = _backward_flops(model, inputs)
+    base = backward_flops(model, inputs)
     least = min_budget(by_flops)[1].peak
     everything = solve(by_flops, 1 << 40).peak
     policies = set()
@@ -324,7 +302,7 @@ def test_least_flops_plans_recompute_exactly_the_predicted_flops():
         plans = checkpoint_plans(sol_f, profiles)
         policies |= {s.policy for p in plans for s in p.segments}
         rmodel, _ = rewrite_checkpoint(model, plans)
-        assert _backward_flops(rmodel, inputs) - base == flops, frac
+        assert backward_flops(rmodel, inputs) - base == flops, frac
         out_a, _, grads_a = train_step(model, ZooCase("m", model, inputs, _logits_loss, 8))
         out_b, _, grads_b = train_step(rmodel, ZooCase("m", rmodel, inputs, _logits_loss, 8))
         assert torch.equal(out_a, out_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
@@ -359,7 +337,7 @@ def test_recompute_cost_through_the_public_call():
                            recompute_cost="flops")
     plan = rmodel.revify_plan
     assert plan.budget.recompute_cost == "flops"
-    assert plan.budget.predicted_recompute_flops == _backward_flops(rmodel, inputs) - _backward_flops(model, inputs)
+    assert plan.budget.predicted_recompute_flops == backward_flops(rmodel, inputs) - backward_flops(model, inputs)
     assert plan.budget.predicted_recompute_flops > 0 and "FLOP (least FLOPs" in str(plan)
     # its front is FLOP-optimal, and reported in FLOPs: non-increasing as the budget grows
     front = [cost for _, _, cost in sorted(plan.budget.pareto)]
@@ -380,7 +358,7 @@ def test_least_flops_prediction_is_exact_on_transformers(name):
     model, inputs = case.model, case.example_inputs
     _, profiles, problem = _planner_problem(model, inputs, case.loss_fn, budget_for="activations",
                                             recompute_cost="flops")
-    base = _backward_flops(model, inputs, case.loss_fn)
+    base = backward_flops(model, inputs, case.loss_fn)
     least = min_budget(problem)[1].peak
     everything = solve(problem, 1 << 40).peak
     predicted = []
@@ -388,7 +366,7 @@ def test_least_flops_prediction_is_exact_on_transformers(name):
         sol = solve(problem, int(least + frac * (everything - least)) + 4096)
         rmodel, _ = rewrite_checkpoint(model, checkpoint_plans(sol, profiles))
         predicted.append(recompute_of(sol.options)[1])
-        assert _backward_flops(rmodel, inputs, case.loss_fn) - base == predicted[-1], frac
+        assert backward_flops(rmodel, inputs, case.loss_fn) - base == predicted[-1], frac
     assert predicted[0] > predicted[1]
 
 

@@ -11,31 +11,15 @@ from torch import nn
 import revify
 from revify.measure import measure_saved_bytes
 from revify.runtime.reversible_chain import reversible_chains
+from reversible_checks import assert_grads_close, perturb_adapters
 from zoo import ALL_CASES, MLPResNet, ZooCase, _logits_loss, train_step
 
 TRANSFORMERS = ["pre_ln_transformer", "bert", "roberta", "gpt2", "opt", "llama", "vit"]
-GRAD_RTOL = 1e-4  # relative, per parameter, fp32
-
-
-def _perturb_adapters(rmodel: nn.Module, seed: int = 3) -> None:
-    """Zero-initialised adapters make G = 0: give them values so every path carries gradient."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in rmodel.named_parameters():
-            if "revify_adapter" in name:
-                p.normal_(0, 0.05)
 
 
 def _step(model, case):
     _, loss, grads = train_step(model, case, seed=5)
     return loss, grads
-
-
-def _assert_grads_close(got: dict, ref: dict) -> None:
-    assert got.keys() == ref.keys()
-    for k in ref:
-        err = (got[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30)
-        assert err <= GRAD_RTOL or (got[k] - ref[k]).abs().max() < 1e-9, (k, err.item())
 
 
 def _convert(name: str, coupling: str, **kw) -> tuple[ZooCase, nn.Module, nn.Module]:
@@ -70,13 +54,13 @@ def test_reversible_gradients_match_stored_activations(name, coupling):
         # starting point within the bound the scaling implies, measured at conversion
         assert rp.start_error is not None and rp.start_error <= rp.start_bound, plan.summary()
 
-    _perturb_adapters(rmodel)
+    perturb_adapters(rmodel)
     loss_rev, grads_rev = _step(rmodel, case)
     with revify.stored_activations(rmodel):
         loss_ref, grads_ref = _step(rmodel, case)
     assert torch.allclose(loss_rev, loss_ref, rtol=1e-6)
     assert grads_rev, "nothing trainable"
-    _assert_grads_close(grads_rev, grads_ref)
+    assert_grads_close(grads_rev, grads_ref)
 
     saved_rev, _ = measure_saved_bytes(rmodel, case.example_inputs, case.loss_fn)
     with revify.stored_activations(rmodel):
@@ -115,11 +99,11 @@ def test_anchors_bound_the_reconstruction_error():
     assert rp.anchors, rmodel.revify_plan.summary()
     assert max(rp.step_errors) <= 1e-5
     assert len(rp.segments) == len(set((0,) + rp.anchors))
-    _perturb_adapters(rmodel)
+    perturb_adapters(rmodel)
     _, grads_rev = _step(rmodel, case)
     with revify.stored_activations(rmodel):
         _, grads_ref = _step(rmodel, case)
-    _assert_grads_close(grads_rev, grads_ref)
+    assert_grads_close(grads_rev, grads_ref)
 
     # without anchors the same chain reconstructs worse than the tolerance
     chain = reversible_chains(rmodel)[0]
@@ -218,7 +202,7 @@ def test_inference_and_copies():
 
 def test_autocast_bfloat16_matches_reference():
     case, _, rmodel = _convert("pre_ln_transformer", "meft1")
-    _perturb_adapters(rmodel)
+    perturb_adapters(rmodel)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, grads_rev = _step(rmodel, case)
         with revify.stored_activations(rmodel):

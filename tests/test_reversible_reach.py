@@ -17,24 +17,13 @@ import torch
 from torch import nn
 
 import revify
-from test_reversible import _assert_grads_close, _perturb_adapters
-from test_zoo_defaults import FAMILIES as DEFAULT_BUILDERS
-from zoo import ZooCase, _logits_loss, train_step
-
-DRAWS = (11, 12, 13)  # three fresh dropout / drop-path draws, none of them the calibration's; the last
-# on a batch of another shape
-
-
-def _text(vocab: int = 100, batch: int = 2, seq: int = 12) -> dict:
-    torch.manual_seed(1)
-    ids = torch.randint(3, vocab, (batch, seq))
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = 0  # padding in one row
-    return {"input_ids": ids, "attention_mask": mask}
+from reversible_checks import assert_matches_stored_on_fresh_draws, text_inputs
+from zoo import ZooCase, _logits_loss
+from zoo_defaults import FAMILIES as DEFAULT_BUILDERS
 
 
 def _seq2seq() -> dict:
-    inputs = _text()
+    inputs = text_inputs()
     torch.manual_seed(2)
     inputs["decoder_input_ids"] = torch.randint(3, 100, (2, 7))
     return inputs
@@ -50,7 +39,7 @@ def distilbert() -> ZooCase:
     torch.manual_seed(0)
     m = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=3, n_heads=4,
                                                              hidden_dim=64)).train()
-    return ZooCase("distilbert", m, _text(), _logits_loss, 3)
+    return ZooCase("distilbert", m, text_inputs(), _logits_loss, 3)
 
 
 def deberta() -> ZooCase:
@@ -58,7 +47,7 @@ def deberta() -> ZooCase:
     torch.manual_seed(0)
     m = DebertaV2ForSequenceClassification(DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=3,
                                                            num_attention_heads=4, intermediate_size=64)).train()
-    return ZooCase("deberta", m, _text(), _logits_loss, 3)
+    return ZooCase("deberta", m, text_inputs(), _logits_loss, 3)
 
 
 def albert() -> ZooCase:
@@ -67,7 +56,7 @@ def albert() -> ZooCase:
     m = AlbertForSequenceClassification(AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32,
                                                      num_hidden_layers=3, num_attention_heads=4,
                                                      intermediate_size=64)).train()
-    return ZooCase("albert", m, _text(), _logits_loss, 3)
+    return ZooCase("albert", m, text_inputs(), _logits_loss, 3)
 
 
 def t5() -> ZooCase:
@@ -91,7 +80,7 @@ def gpt2() -> ZooCase:
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     m = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=100, n_positions=64)).train()
-    return ZooCase("gpt2", m, _text(), _logits_loss, 3)
+    return ZooCase("gpt2", m, text_inputs(), _logits_loss, 3)
 
 
 def llama() -> ZooCase:
@@ -99,7 +88,7 @@ def llama() -> ZooCase:
     torch.manual_seed(0)
     m = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
                                      vocab_size=100, num_key_value_heads=2, max_position_embeddings=64)).train()
-    return ZooCase("llama", m, _text(), _logits_loss, 3)
+    return ZooCase("llama", m, text_inputs(), _logits_loss, 3)
 
 
 def falcon() -> ZooCase:
@@ -107,7 +96,7 @@ def falcon() -> ZooCase:
     torch.manual_seed(0)
     m = FalconForCausalLM(FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
                                        num_attention_heads=4)).train()
-    return ZooCase("falcon", m, _text(), _logits_loss, 3)
+    return ZooCase("falcon", m, text_inputs(), _logits_loss, 3)
 
 
 def whisper() -> ZooCase:
@@ -127,7 +116,7 @@ def mamba() -> ZooCase:
     from transformers import MambaConfig, MambaForCausalLM
     torch.manual_seed(0)
     m = MambaForCausalLM(MambaConfig(vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=3)).train()
-    return ZooCase("mamba", m, {"input_ids": _text()["input_ids"]}, _logits_loss, 3)
+    return ZooCase("mamba", m, {"input_ids": text_inputs()["input_ids"]}, _logits_loss, 3)
 
 
 def resnet() -> ZooCase:
@@ -155,13 +144,13 @@ def swin() -> ZooCase:
 
 
 def _default_decoder(name: str) -> Callable[[], ZooCase]:
-    """A decoder-only LM from ``test_zoo_defaults``' builder: the family's default config (``use_cache``,
+    """A decoder-only LM from ``zoo_defaults``' builder: the family's default config (``use_cache``,
     ``layer_types``: Gemma 2 alternates sliding/full over 4 layers, Gemma 3 has 5 sliding : 1 full over 7),
     attention / residual dropout on where the family has it."""
     def build() -> ZooCase:
         torch.manual_seed(0)
         m = DEFAULT_BUILDERS[name]().train()
-        return ZooCase(name, m, _text(), _logits_loss, m.config.num_hidden_layers)
+        return ZooCase(name, m, text_inputs(), _logits_loss, m.config.num_hidden_layers)
     build.__name__ = name
     return build
 
@@ -180,35 +169,6 @@ def _converted(family: str, coupling: str) -> tuple[ZooCase, nn.Module]:
 
 def _parents(rmodel: nn.Module) -> set[str]:
     return {p.chain.parent for p in rmodel.revify_plan.reversible}
-
-
-def _other_batch(inputs: dict | tuple) -> dict | tuple:
-    """The example inputs with another batch size (and sequence length): what training feeds later."""
-    torch.manual_seed(4)
-    if isinstance(inputs, tuple):
-        return tuple(torch.randn(3, *x.shape[1:]) for x in inputs)
-    if "input_features" in inputs:
-        return {**inputs, "input_features": torch.randn(3, *inputs["input_features"].shape[1:]),
-                "decoder_input_ids": inputs["decoder_input_ids"][:1].repeat(3, 1)}
-    if "pixel_values" in inputs:
-        torch.manual_seed(4)
-        return {"pixel_values": torch.randn(3, 3, 32, 32)}
-    other = {**inputs, **_text(batch=3, seq=9)}
-    if "decoder_input_ids" in inputs:
-        other["decoder_input_ids"] = inputs["decoder_input_ids"][:1].repeat(3, 1)
-    return other
-
-
-def _assert_matches_stored_on_fresh_draws(case: ZooCase, rmodel: nn.Module) -> None:
-    _perturb_adapters(rmodel)
-    other = ZooCase(case.name, case.model, _other_batch(case.example_inputs), case.loss_fn, case.n_blocks)
-    for seed, batch in zip(DRAWS, (case, case, other)):
-        _, loss_rev, grads_rev = train_step(rmodel, batch, seed=seed)
-        with revify.stored_activations(rmodel):
-            _, loss_ref, grads_ref = train_step(rmodel, batch, seed=seed)
-        assert torch.allclose(loss_rev, loss_ref, rtol=1e-6), (seed, loss_rev, loss_ref)
-        assert grads_rev, "nothing trainable"
-        _assert_grads_close(grads_rev, grads_ref)
 
 
 # family, coupling, the parents whose chains must convert
@@ -256,7 +216,7 @@ def test_family_converts_and_matches_stored_activations(family, coupling, parent
     assert parents <= _parents(rmodel), plan.summary()
     for rp in plan.reversible:
         assert max(rp.step_errors, default=0.0) <= rp.options.tolerance, plan.summary()
-    _assert_matches_stored_on_fresh_draws(case, rmodel)
+    assert_matches_stored_on_fresh_draws(case, rmodel)
 
 
 def test_calibration_covers_several_dropout_draws():
@@ -268,7 +228,7 @@ def test_calibration_covers_several_dropout_draws():
     assert "3 dropout draws" in rmodel.revify_plan.summary()
     # the decoder's blocks have three sub-layers: F = self- and cross-attention, G = the MLP
     assert _parents(rmodel) == {"model.encoder", "model.decoder"}
-    _assert_matches_stored_on_fresh_draws(case, rmodel)
+    assert_matches_stored_on_fresh_draws(case, rmodel)
 
 
 REFUSES = [  # family, coupling, the reason's words in the plan
@@ -305,7 +265,7 @@ def test_gemma3_converts_every_layer_each_step_with_its_own_mask(coupling):
     assert rp.start_error <= rp.start_bound, plan.summary()
     assert "converted: 7 block(s) made reversible, of 7 in 1 chain(s)" in plan.summary(), plan.summary()
     assert not plan.rejections, plan.summary()
-    _assert_matches_stored_on_fresh_draws(case, rmodel)
+    assert_matches_stored_on_fresh_draws(case, rmodel)
 
 
 def test_a_step_with_the_wrong_layers_mask_would_differ():

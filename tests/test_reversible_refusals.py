@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import revify
-from test_reversible_reach import _assert_matches_stored_on_fresh_draws
+from reversible_checks import assert_matches_stored_on_fresh_draws
 from zoo import ZooCase, _logits_loss
 
 
@@ -151,7 +151,7 @@ def test_channels_last_feature_maps_accepted_by_meft(coupling):
     rmodel = revify.revify(case.model, case.example_inputs, strategy="reversible", coupling=coupling, strict=True)
     adapter = rmodel.blocks[0].revify_adapter_f
     assert adapter.down.in_features == 16  # on the channels, the last dimension
-    _assert_matches_stored_on_fresh_draws(case, rmodel)
+    assert_matches_stored_on_fresh_draws(case, rmodel)
 
 
 class _Extras(nn.Module):

@@ -13,7 +13,7 @@ from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
 from revify.passes.planning.profile_blocks import profile_chains
 from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
 from revify.passes.planning.save_ops_menu import replay, save_ops_menu
-from test_plan_budget import _backward_flops, _planner_profile
+from planner_helpers import backward_flops, planner_profile
 from zoo import ALL_CASES, ZooCase, _logits_loss, train_step
 
 
@@ -94,7 +94,7 @@ def test_keeping_the_sum_elides_both_branches_exactly(native_dropout):
     assert elided_ops is not None and all(elided_ops[:-1])
     menus = SaveOpsMenus(prof.blocks, Pricing("flops"))
     predicted = sum(menus.replay(b, level, k == len(prof.blocks) - 1).flops for k, b in enumerate(prof.blocks))
-    base = _backward_flops(model, inputs)
+    base = backward_flops(model, inputs)
     case = ZooCase("parallel", model, inputs, _logits_loss, 8)
     reference = train_step(model, case)
     flops = {}
@@ -104,7 +104,7 @@ def test_keeping_the_sum_elides_both_branches_exactly(native_dropout):
                                 ("stale", elided_ops, stale)):
         segment = Segment(0, len(prof.blocks), "save_ops", saved, elide, digest)
         rmodel, _ = rewrite_checkpoint(model, [ChainPlan(chain, (segment,), "budget")])
-        flops[name] = _backward_flops(rmodel, inputs) - base
+        flops[name] = backward_flops(rmodel, inputs) - base
         _assert_trains_like(reference, rmodel, case, name)
     assert flops["elided"] == predicted
     assert flops["elided"] < flops["replayed"] == flops["stale"]
@@ -133,7 +133,7 @@ def test_elision_lowers_the_least_flops_on_a_parallel_residual_transformer():
         return out.logits.float().pow(2).mean()
 
     model, inputs = _neox()
-    chains, profiles, step = _planner_profile(model, inputs, loss_fn)
+    chains, profiles, step = planner_profile(model, inputs, loss_fn)
     blind = [replace(p, blocks=tuple(replace(b, dataflow=False) for b in p.blocks)) for p in profiles]
     with_elision = build_problem(profiles, step, budget_for="activations", recompute_cost="flops")
     without = build_problem(blind, step, budget_for="activations", recompute_cost="flops")
@@ -141,7 +141,7 @@ def test_elision_lowers_the_least_flops_on_a_parallel_residual_transformer():
     everything = solve(with_elision, 1 << 40).peak
     case = ZooCase("neox", model, inputs, loss_fn, 8)
     reference = train_step(model, case)
-    base = _backward_flops(model, inputs, loss_fn)
+    base = backward_flops(model, inputs, loss_fn)
     gains = []
     for frac in (0.1, 0.3, 0.5, 0.7):
         budget = int(least + frac * (everything - least)) + 4096
@@ -149,7 +149,7 @@ def test_elision_lowers_the_least_flops_on_a_parallel_residual_transformer():
         flops = recompute_of(sol.options)[1]
         gains.append(recompute_of(blind_sol.options)[1] - flops)
         rmodel, _ = rewrite_checkpoint(model, checkpoint_plans(sol, profiles))
-        assert _backward_flops(rmodel, inputs, loss_fn) - base == flops, frac
+        assert backward_flops(rmodel, inputs, loss_fn) - base == flops, frac
         _assert_trains_like(reference, rmodel, case, frac)
     assert min(gains) >= 0 and max(gains) > 0, gains
 
@@ -162,20 +162,20 @@ def test_time_priced_menus_elide_exactly_on_transformers(name):
     two levels that elide (the first and the last): the recomputed FLOPs equal the prediction, and
     outputs and gradients equal the original's (dropout on where the config has it)."""
     case = ALL_CASES[name]()
-    _, profiles, _ = _planner_profile(case.model, case.example_inputs, case.loss_fn)
+    _, profiles, _ = planner_profile(case.model, case.example_inputs, case.loss_fn)
     prof = profiles[0]
     n = len(prof.blocks)
     menus = SaveOpsMenus(prof.blocks, Pricing("time"))
     plans = [(level, save_ops_plan(prof.blocks, 0, n, level, Pricing("time"))) for level in menus.levels()]
     eliding = [(level, lists) for level, lists in plans if lists[1] is not None]
     assert eliding, "no level elides"
-    base = _backward_flops(case.model, case.example_inputs, case.loss_fn)
+    base = backward_flops(case.model, case.example_inputs, case.loss_fn)
     reference = train_step(case.model, case)
     for level, lists in {id(x): x for x in (eliding[0], eliding[-1])}.values():
         predicted = sum(menus.replay(b, level, k == n - 1).flops for k, b in enumerate(prof.blocks))
         rmodel, _ = rewrite_checkpoint(case.model, [ChainPlan(prof.chain, (Segment(0, n, "save_ops", *lists),),
                                                               "budget")])
-        assert _backward_flops(rmodel, case.example_inputs, case.loss_fn) - base == predicted, level
+        assert backward_flops(rmodel, case.example_inputs, case.loss_fn) - base == predicted, level
         _assert_trains_like(reference, rmodel, case, level)
 
 

@@ -16,7 +16,7 @@ from revify.passes.planning.profile_blocks import profile_chains
 from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
 from revify.passes.planning.solve_schedule import min_budget, path_peak
 from revify.checkpoint_io import CheckpointError
-from test_plan_budget import _backward_flops, _planner_profile
+from planner_helpers import backward_flops, planner_profile
 from zoo import ALL_CASES, EmbeddedTransformer, ZooCase, _logits_loss, train_step
 
 
@@ -121,7 +121,7 @@ def test_a_recomputed_stem_trains_exactly_and_frees_what_was_measured(name, poli
         assert all(torch.equal(grads[k], reference[2][k]) for k in grads), (stem, name)
         assert (segments[0].stem.recipe_uses == 1) if stem else segments[0].stem is None
         kept[stem] = measure_training_memory(rmodel, case.example_inputs, case.loss_fn).retained_bytes
-        flops[stem] = _backward_flops(rmodel, case.example_inputs, case.loss_fn)  # a counter in backward
+        flops[stem] = backward_flops(rmodel, case.example_inputs, case.loss_fn)  # a counter in backward
     freed = prof.stem.saved_bytes + prof.blocks[0].input_bytes - prof.stem.held_bytes
     assert freed > 0 and kept[False] - kept[True] == freed, (kept, prof.stem)
     assert flops[True] - flops[False] == prof.stem.recompute_flops
@@ -131,7 +131,7 @@ def test_the_planner_predicts_what_a_stem_plan_keeps():
     """At the least activation memory the plan recomputes BERT's embeddings; its predicted bytes
     are the measured ones, and no plan without the stem comes as low."""
     case = ALL_CASES["bert"]()
-    _, profiles, step = _planner_profile(case.model, case.example_inputs, case.loss_fn)
+    _, profiles, step = planner_profile(case.model, case.example_inputs, case.loss_fn)
     problem = build_problem(profiles, step, budget_for="activations", recompute_cost="flops")
     budget, sol = min_budget(problem)
     (plan,) = checkpoint_plans(sol, profiles)
@@ -150,7 +150,7 @@ def test_the_predicted_peak_counts_the_stem(name):
     """Peak budgets: per-block checkpointing with and without the stem recomputed, and the plan at the
     smallest peak, are predicted within the planner's usual band (-3 % .. +12 %, tests/test_plan_budget)."""
     case = ALL_CASES[name]()
-    chains, profiles, step = _planner_profile(case.model, case.example_inputs, case.loss_fn)
+    chains, profiles, step = planner_profile(case.model, case.example_inputs, case.loss_fn)
     problem = build_problem(profiles, step)
     per_block = [ChainPlan(c, tuple(Segment(i, i + 1) for i in range(len(c.blocks)))) for c in chains]
     plain = schedule_path(problem, per_block)

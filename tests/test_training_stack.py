@@ -1,7 +1,8 @@
 """A converted model inside transformers' Trainer: checkpoints that reload as converted, one owner of recompute.
 
 Tiny BERT and Llama built from their configs' default values (only sizes
-changed), token ids made here, padded batches of changing length.
+changed), token ids made here, padded batches of changing length (all from
+``training_stack_helpers``).
 """
 from __future__ import annotations
 
@@ -14,51 +15,8 @@ import revify
 
 transformers = pytest.importorskip("transformers")
 
-_SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=100)
-_ROWS = 16  # examples in the made-up data set
-
-
-def _bert():
-    from transformers import BertConfig, BertForSequenceClassification
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(**_SMALL, max_position_embeddings=64)).train()
-
-
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(**_SMALL, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).train()
-
-
-def _rows(causal: bool) -> list[dict]:
-    """Token ids of varied length; labels are a class (BERT) or the ids themselves (causal LM)."""
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for i in range(_ROWS):
-        n = int(torch.randint(5, 14, (1,), generator=g))
-        ids = torch.randint(1, 100, (n,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": ids if causal else i % 2})
-    return rows
-
-
-def _collate(rows: list[dict]) -> dict:
-    """Right padding to the longest row: the attention mask has zeros and the length changes per batch."""
-    n = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    causal = isinstance(rows[0]["labels"], list)
-    labels = torch.full((len(rows), n), -100, dtype=torch.long) if causal else torch.tensor([r["labels"] for r in rows])
-    for i, r in enumerate(rows):
-        ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-        mask[i, :len(r["input_ids"])] = 1
-        if causal:
-            labels[i, :len(r["labels"])] = torch.tensor(r["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _example(causal: bool) -> dict:
-    return _collate(_rows(causal)[:3])  # 3 rows: a batch shape other than training's 4
+from training_stack_helpers import (  # noqa: E402
+    collate, count_forwards, example_batch, tiny_bert, tiny_llama, token_rows)
 
 
 def _args(tmp_path, **kw):
@@ -72,7 +30,7 @@ def _args(tmp_path, **kw):
 
 def _train(rmodel, tmp_path, causal: bool, **kw):
     from transformers import Trainer
-    trainer = Trainer(model=rmodel, args=_args(tmp_path, **kw), train_dataset=_rows(causal), data_collator=_collate)
+    trainer = Trainer(model=rmodel, args=_args(tmp_path, **kw), train_dataset=token_rows(causal), data_collator=collate)
     trainer.train()
     return trainer
 
@@ -87,13 +45,13 @@ def _eval_logits(module, batch: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("strategy", ["checkpoint", "reversible"])
 def test_trainer_checkpoints_reload_as_converted(tmp_path, strategy, one_thread):
-    rmodel = revify.revify(_bert(), _example(False), strategy=strategy, **(
+    rmodel = revify.revify(tiny_bert(), example_batch(False), strategy=strategy, **(
         {"schedule": "per-block"} if strategy == "checkpoint" else {}))
     assert rmodel.revify_plan.converted
     trainable = sorted(n for n, p in rmodel.named_parameters() if p.requires_grad)
     trainer = _train(rmodel, tmp_path, causal=False)
     trainer.save_model(str(tmp_path / "final"))
-    batch = _collate(_rows(False)[5:10])
+    batch = collate(token_rows(False)[5:10])
     want = _eval_logits(rmodel, batch)
     for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-4"):
         assert (folder / "revify.json").is_file(), folder
@@ -108,7 +66,7 @@ def test_trainer_checkpoints_reload_as_converted(tmp_path, strategy, one_thread)
 
 def test_meft_folder_loads_backbone_with_plain_from_pretrained(tmp_path, one_thread):
     from transformers import BertForSequenceClassification
-    rmodel = revify.revify(_bert(), _example(False), strategy="reversible")
+    rmodel = revify.revify(tiny_bert(), example_batch(False), strategy="reversible")
     _train(rmodel, tmp_path, causal=False, max_steps=2)
     plain = BertForSequenceClassification.from_pretrained(str(tmp_path / "run" / "checkpoint-2"))
     for name, p in plain.named_parameters():
@@ -116,33 +74,15 @@ def test_meft_folder_loads_backbone_with_plain_from_pretrained(tmp_path, one_thr
 
 
 def test_resume_from_converted_checkpoint_continues_exactly(tmp_path, one_thread):
-    example = _example(False)
-    straight = revify.revify(_bert(), example, schedule="per-block")
+    example = example_batch(False)
+    straight = revify.revify(tiny_bert(), example, schedule="per-block")
     _train(straight, tmp_path / "a", causal=False)
     resumed = revify.load(tmp_path / "a" / "run" / "checkpoint-2")  # the model rebuilt as converted
     from transformers import Trainer
-    trainer = Trainer(model=resumed, args=_args(tmp_path / "b"), train_dataset=_rows(False), data_collator=_collate)
+    trainer = Trainer(model=resumed, args=_args(tmp_path / "b"), train_dataset=token_rows(False), data_collator=collate)
     trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "run" / "checkpoint-2"))
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
-
-
-def _count_forwards(monkeypatch, cls) -> list[int]:
-    """Count every run of ``cls.forward`` (forward, checkpoint recompute, reversible reconstruction).
-
-    ``cls`` is a module inside each block (its MLP), run once per block run: transformers wraps the
-    layer's own ``forward`` in its checkpoint at class creation, so a count on the layer's class
-    attribute would sit outside the recompute.
-    """
-    calls = [0]
-    original = cls.forward
-
-    def counted(self, *args, **kwargs):
-        calls[0] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "forward", counted)
-    return calls
 
 
 @pytest.mark.parametrize("family,strategy", [("bert", "checkpoint"), ("bert", "reversible"),
@@ -150,12 +90,12 @@ def _count_forwards(monkeypatch, cls) -> list[int]:
 def test_hf_gradient_checkpointing_flag_does_not_stack(tmp_path, monkeypatch, family, strategy, one_thread):
     from transformers.models.bert.modeling_bert import BertIntermediate
     from transformers.models.llama.modeling_llama import LlamaMLP
-    calls = _count_forwards(monkeypatch, BertIntermediate if family == "bert" else LlamaMLP)
+    calls = count_forwards(monkeypatch, BertIntermediate if family == "bert" else LlamaMLP)
     causal = family == "llama"
     counts, warned = {}, {}
     for flag in (False, True):
-        model = _llama() if causal else _bert()
-        rmodel = revify.revify(model, _example(causal), strategy=strategy)
+        model = tiny_llama() if causal else tiny_bert()
+        rmodel = revify.revify(model, example_batch(causal), strategy=strategy)
         assert rmodel.revify_plan.converted
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
@@ -171,11 +111,11 @@ def test_hf_gradient_checkpointing_flag_does_not_stack(tmp_path, monkeypatch, fa
 @pytest.mark.parametrize("strategy", ["checkpoint", "reversible"])
 def test_checkpointing_on_before_conversion_is_turned_off_on_the_copy(monkeypatch, strategy, one_thread):
     from transformers.models.bert.modeling_bert import BertIntermediate
-    calls = _count_forwards(monkeypatch, BertIntermediate)
-    example = _example(False)
+    calls = count_forwards(monkeypatch, BertIntermediate)
+    example = example_batch(False)
     counts = []
     for flag in (False, True):
-        model = _bert()
+        model = tiny_bert()
         if flag:
             model.gradient_checkpointing_enable()
         rmodel = revify.revify(model, example, strategy=strategy)  # budget plan: some blocks keep activations
@@ -188,28 +128,28 @@ def test_checkpointing_on_before_conversion_is_turned_off_on_the_copy(monkeypatc
     assert counts[0] == counts[1] > 3, counts
 
 
-@pytest.mark.parametrize("build", [_bert, _llama])
+@pytest.mark.parametrize("build", [tiny_bert, tiny_llama])
 def test_converting_twice_says_already_converted(build, one_thread):
-    causal = build is _llama
-    rmodel = revify.revify(build(), _example(causal))  # the default budget plan keeps some blocks as they are
+    causal = build is tiny_llama
+    rmodel = revify.revify(build(), example_batch(causal))  # the default budget plan keeps some blocks as they are
     assert rmodel.revify_plan.converted
-    again = revify.revify(rmodel, _example(causal))
+    again = revify.revify(rmodel, example_batch(causal))
     assert not again.revify_plan.converted
     assert "already converted" in again.revify_plan.summary()
     with pytest.raises(revify.RevifyError, match="already converted"):
-        revify.revify(rmodel, _example(causal), strategy="reversible", strict=True)
+        revify.revify(rmodel, example_batch(causal), strategy="reversible", strict=True)
 
 
 def test_accelerate_with_gradient_accumulation_saves_as_converted(tmp_path, one_thread):
     from accelerate import Accelerator
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    rmodel = revify.revify(_bert(), _example(False), strategy="reversible")
+    rmodel = revify.revify(tiny_bert(), example_batch(False), strategy="reversible")
     optimizer = torch.optim.AdamW([p for p in rmodel.parameters() if p.requires_grad], lr=1e-2)
     model, optimizer = accelerator.prepare(rmodel, optimizer)
-    rows = _rows(False)
+    rows = token_rows(False)
     for i in range(4):
         with accelerator.accumulate(model):
-            accelerator.backward(model(**_collate(rows[2 * i:2 * i + 2])).loss)
+            accelerator.backward(model(**collate(rows[2 * i:2 * i + 2])).loss)
             optimizer.step()
             optimizer.zero_grad()
     unwrapped = accelerator.unwrap_model(model)
@@ -217,14 +157,14 @@ def test_accelerate_with_gradient_accumulation_saves_as_converted(tmp_path, one_
     unwrapped.save_pretrained(str(tmp_path / "out"), is_main_process=accelerator.is_main_process,
                               save_function=accelerator.save)
     loaded = revify.load(tmp_path / "out")
-    batch = _collate(rows[10:14])
+    batch = collate(rows[10:14])
     assert torch.equal(_eval_logits(loaded, batch), _eval_logits(rmodel, batch))
 
 
 def test_sharded_save_pretrained_reloads_as_converted(tmp_path, one_thread):
-    rmodel = revify.revify(_bert(), _example(False), strategy="reversible")
+    rmodel = revify.revify(tiny_bert(), example_batch(False), strategy="reversible")
     rmodel.save_pretrained(str(tmp_path / "out"), max_shard_size="20KB")  # large models: shards and an index
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     loaded = revify.load(tmp_path / "out")
-    batch = _collate(_rows(False)[:4])
+    batch = collate(token_rows(False)[:4])
     assert torch.equal(_eval_logits(loaded, batch), _eval_logits(rmodel, batch))

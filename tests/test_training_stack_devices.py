@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import revify
+from training_stack_helpers import collate, example_batch, tiny_llama, token_rows
 from zoo import cnn_resnet
-
-from test_training_stack import _collate, _example, _llama, _rows  # noqa: E402
 
 
 def _assert_shared(model, rmodel) -> None:
@@ -26,8 +25,8 @@ def _assert_shared(model, rmodel) -> None:
 
 @pytest.mark.parametrize("move", ["to_bfloat16", "half", "original_to_bfloat16"])
 def test_dtype_move_keeps_llama_parameters_and_buffers_shared(move, one_thread):
-    model = _llama()
-    rmodel = revify.revify(model, _example(True), schedule="per-block")
+    model = tiny_llama()
+    rmodel = revify.revify(model, example_batch(True), schedule="per-block")
     assert rmodel.revify_plan.converted
     if move == "to_bfloat16":
         rmodel.to(torch.bfloat16)
@@ -39,7 +38,7 @@ def test_dtype_move_keeps_llama_parameters_and_buffers_shared(move, one_thread):
     _assert_shared(model, rmodel)
     assert model.model.rotary_emb.inv_freq.dtype == rmodel.model.rotary_emb.inv_freq.dtype
     assert all(p.dtype == dtype for p in model.parameters())
-    batch = _collate(_rows(True)[:4])
+    batch = collate(token_rows(True)[:4])
     torch.manual_seed(3)
     rmodel(**batch).loss.backward()
     grads = {n: p.grad.clone() for n, p in rmodel.named_parameters()}

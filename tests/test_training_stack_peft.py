@@ -13,7 +13,7 @@ import revify
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from test_training_stack import _bert, _collate, _example, _rows  # noqa: E402
+from training_stack_helpers import collate, example_batch, tiny_bert, token_rows  # noqa: E402
 
 
 def _lora():
@@ -38,11 +38,11 @@ def _peft_names(module) -> set[str]:
 @pytest.mark.parametrize("kind", ["lora", "ia3", "prompt"])
 @pytest.mark.parametrize("strategy", ["reversible", "auto"])
 def test_peft_parameters_stay_trainable(kind, strategy, one_thread):
-    model = peft.get_peft_model(_bert(), _configs()[kind])
+    model = peft.get_peft_model(tiny_bert(), _configs()[kind])
     before = _trainable(model)
     assert before
     # auto: freeze_backbone asked for explicitly (its default is off), whatever the planner chooses
-    rmodel = revify.revify(model, _example(False), strategy=strategy, freeze_backbone=True)
+    rmodel = revify.revify(model, example_batch(False), strategy=strategy, freeze_backbone=True)
     plan = rmodel.revify_plan
     assert plan.converted and (plan.reversible or strategy == "auto"), plan.summary()
     after = _trainable(rmodel)
@@ -56,12 +56,12 @@ def test_peft_parameters_stay_trainable(kind, strategy, one_thread):
 
 def test_lora_then_meft1_trains_lora_and_adapters(one_thread):
     torch.manual_seed(0)
-    rmodel = revify.revify(peft.get_peft_model(_bert(), _lora()), _example(False), strategy="reversible")
+    rmodel = revify.revify(peft.get_peft_model(tiny_bert(), _lora()), example_batch(False), strategy="reversible")
     lora = {n: p for n, p in rmodel.named_parameters() if "lora_" in n}
     adapters = {n: p for n, p in rmodel.named_parameters() if "revify_adapter" in n}
     assert len(lora) == 12 and adapters
     start = {n: p.detach().clone() for n, p in list(lora.items()) + list(adapters.items())}
-    batch = _collate(_rows(False)[:4])
+    batch = collate(token_rows(False)[:4])
 
     def grads():
         torch.manual_seed(5)  # the same dropout masks in both runs
@@ -96,26 +96,26 @@ def _logits(module, batch):
 @pytest.mark.parametrize("strategy", ["checkpoint", "reversible"])
 @pytest.mark.parametrize("order", ["peft_then_revify", "revify_then_peft"])
 def test_peft_wrapped_converted_model_saves_and_loads(tmp_path, strategy, order, one_thread):
-    example = _example(False)
+    example = example_batch(False)
     kw = {"schedule": "per-block"} if strategy == "checkpoint" else {}
     if order == "peft_then_revify":
-        rmodel = revify.revify(peft.get_peft_model(_bert(), _lora()), example, strategy=strategy, **kw)
+        rmodel = revify.revify(peft.get_peft_model(tiny_bert(), _lora()), example, strategy=strategy, **kw)
     else:  # PEFT wraps the converted model; its revify_plan names blocks of the inner model
-        rmodel = peft.get_peft_model(revify.revify(_bert(), example, strategy=strategy, **kw), _lora())
+        rmodel = peft.get_peft_model(revify.revify(tiny_bert(), example, strategy=strategy, **kw), _lora())
     with torch.no_grad():  # trained-looking values, so a load that kept the fresh ones would show
         for name, p in rmodel.named_parameters():
             if p.requires_grad or "revify_adapter" in name:
                 p.add_(torch.randn_like(p) * 0.05)
     revify.save(rmodel, tmp_path / "saved", example)
-    loaded = revify.load(tmp_path / "saved", model=peft.get_peft_model(_bert(), _lora()))
+    loaded = revify.load(tmp_path / "saved", model=peft.get_peft_model(tiny_bert(), _lora()))
     assert loaded.revify_plan.converted
     assert _trainable(loaded) == _trainable(rmodel)
-    batch = _collate(_rows(False)[4:9])
+    batch = collate(token_rows(False)[4:9])
     assert torch.equal(_logits(loaded, batch), _logits(rmodel, batch))
 
 
 def test_peft_save_pretrained_still_writes_only_the_adapter(tmp_path, one_thread):
-    rmodel = revify.revify(peft.get_peft_model(_bert(), _lora()), _example(False), schedule="per-block")
+    rmodel = revify.revify(peft.get_peft_model(tiny_bert(), _lora()), example_batch(False), schedule="per-block")
     with torch.no_grad():
         for p in rmodel.parameters():
             if p.requires_grad:
@@ -128,13 +128,13 @@ def test_peft_save_pretrained_still_writes_only_the_adapter(tmp_path, one_thread
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).keys()
     assert keys and all("lora_" in k or "classifier" in k for k in keys), sorted(keys)
     # the plain PEFT way back gives the trained adapter on a fresh base
-    again = peft.PeftModel.from_pretrained(_bert(), str(tmp_path / "adapter"))
-    batch = _collate(_rows(False)[4:9])
+    again = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "adapter"))
+    batch = collate(token_rows(False)[4:9])
     assert torch.equal(_logits(again, batch), _logits(rmodel, batch))
 
 
 def test_reversible_peft_save_pretrained_warns_that_revify_adapters_are_not_in_it(tmp_path, one_thread):
-    rmodel = revify.revify(peft.get_peft_model(_bert(), _lora()), _example(False), strategy="reversible")
+    rmodel = revify.revify(peft.get_peft_model(tiny_bert(), _lora()), example_batch(False), strategy="reversible")
     with pytest.warns(UserWarning, match="revify.save"):
         rmodel.save_pretrained(str(tmp_path / "adapter"))
     assert not (tmp_path / "adapter" / "model.safetensors").exists()

@@ -16,7 +16,7 @@ import revify
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from test_training_stack import _count_forwards, _example, _llama, _rows  # noqa: E402
+from training_stack_helpers import count_forwards, example_batch, tiny_llama, token_rows  # noqa: E402
 
 
 def _tokenizer():
@@ -32,7 +32,7 @@ def _sft(model, tmp_path, packing: bool, steps: int = 3, **kw):
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, max_length=32,
                          packing=packing, learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=0,
                          report_to="none", use_cpu=True, disable_tqdm=True, **kw)
-    data = datasets.Dataset.from_dict({"input_ids": [r["input_ids"] for r in _rows(True)]})
+    data = datasets.Dataset.from_dict({"input_ids": [r["input_ids"] for r in token_rows(True)]})
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer())
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -41,11 +41,11 @@ def _sft(model, tmp_path, packing: bool, steps: int = 3, **kw):
 @pytest.mark.parametrize("packing", [False, True])
 def test_sft_checkpoint_losses_equal_the_unconverted_model(tmp_path, monkeypatch, packing, one_thread):
     from transformers.models.llama.modeling_llama import LlamaMLP
-    calls = _count_forwards(monkeypatch, LlamaMLP)
-    plain = _llama()
+    calls = count_forwards(monkeypatch, LlamaMLP)
+    plain = tiny_llama()
     plain_losses = _sft(plain, tmp_path / "plain", packing, gradient_checkpointing=False)
     plain_calls = calls[0]
-    rmodel = revify.revify(_llama(), _example(True), schedule="per-block")
+    rmodel = revify.revify(tiny_llama(), example_batch(True), schedule="per-block")
     calls[0] = 0  # count the training only, not the analysis
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -59,7 +59,7 @@ def test_sft_checkpoint_losses_equal_the_unconverted_model(tmp_path, monkeypatch
 
 
 def test_sft_trains_a_meft1_model(tmp_path, one_thread):
-    rmodel = revify.revify(_llama(), _example(True), strategy="reversible")
+    rmodel = revify.revify(tiny_llama(), example_batch(True), strategy="reversible")
     assert rmodel.revify_plan.reversible
     adapters = {n: p.detach().clone() for n, p in rmodel.named_parameters() if "revify_adapter" in n}
     losses = _sft(rmodel, tmp_path, packing=False)
