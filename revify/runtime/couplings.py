@@ -7,8 +7,8 @@ residual sub-layers (MEFT3, ``split_sublayers``), a block's residual branch
 ``block(x) − x`` (RevNet), a bottleneck adapter, or a block with a parallel
 adapter. Each is a small picklable callable ``(x, args, kwargs) -> tensor``
 built at conversion (``passes/rewrite/rewrite_reversible``); ``args``/``kwargs``
-are the side inputs of the head's call, with the hidden slot to be filled
-with ``x``.
+are the side inputs of the call of the step's block (each step its own: Gemma 2
+alternates masks), with the hidden slot to be filled with ``x``.
 
 Before::
 
@@ -68,7 +68,7 @@ class BlockCall:
 class FixedExtras:
     """The extras of a block that F and G do not run whole (MEFT3 halves), fixed at conversion.
 
-    Each entry of ``template`` is None, or the position among the chain's side-input leaves of
+    Each entry of ``template`` is None, or the position among the step's side-input leaves of
     a side input the block hands back (T5 returns the position bias it was given).
     """
 
