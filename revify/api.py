@@ -90,9 +90,10 @@ def _analyse(model: nn.Module, example_inputs: Any, strategy: str, options: Reve
     if analysis is None:
         return plan, trace
     options = options or ReversibleOptions()
-    plan.found = (sum(len(c.blocks) for c in analysis.chains), len(analysis.chains))
+    plan.found = analysis.found
     if strategy == "reversible":
-        # reversible steps run with the first block's side inputs: runs that share them (Gemma 3's sliding layers)
+        # each chain whole (each MEFT step runs with its own block's side inputs), else per run of blocks that
+        # share them (RevNet pairs, T5's computed position bias): plan_reversible_runs says which and why
         for decided in (d for c in analysis.chains for d in plan_reversible_runs(c, options, model)):
             if isinstance(decided, ReversiblePlan):
                 plan.reversible.append(decided)

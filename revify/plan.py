@@ -29,7 +29,8 @@ class Plan:
     budget: Any = None  # the budget planner's BudgetPlan: budget, predicted peak, Pareto front
     notes: list[str] = field(default_factory=list)  # how the converted module fits the training stack (PEFT, ...)
     # (blocks, chains) the analyses found; the headline counts against them, since a chain may be converted
-    # in part (Gemma 3: a reversible run of 5 of its 7 layers). None (a plan read back from disk): the plans'
+    # in part (T5: a reversible run of blocks 1… beside block 0, which runs unchanged). None: count the
+    # blocks of the plans' own chains
     found: tuple[int, int] | None = None
 
     @property

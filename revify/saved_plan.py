@@ -233,6 +233,7 @@ def apply_recorded_plan(recorded: RecordedPlan, model: nn.Module, example_inputs
     plan.strategy = recorded.strategy
     if analysis is None or trace is None:
         raise PlanMismatchError(plan.errors[0] if plan.errors else "the model could not be analysed")
+    plan.found = analysis.found
     for rc in recorded.chains:
         chain = _match(rc.blocks, analysis)
         _check_indices("segment", rc.blocks, len(rc.blocks), [i for s in rc.segments for i in (s.start, s.end - 1)])

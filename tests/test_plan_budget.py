@@ -18,7 +18,7 @@ from revify.passes.planning.plan_checkpoint import ChainPlan, Segment, plan_chec
 from revify.passes.capture.record_calls import call_model
 from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
 from revify.passes.planning.solve_schedule import min_budget, path_peak, rounding_slack, solve, solve_within
-from planner_helpers import backward_flops, planner_profile
+from planner_fixtures import backward_flops, planner_profile
 from zoo import ALL_CASES, MLPResNet, PreLNTransformer, ZooCase, _logits_loss, train_step
 
 

@@ -13,7 +13,7 @@ from revify.passes.planning.plan_checkpoint import ChainPlan, Segment
 from revify.passes.planning.profile_blocks import profile_chains
 from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
 from revify.passes.planning.save_ops_menu import replay, save_ops_menu
-from planner_helpers import backward_flops, planner_profile
+from planner_fixtures import backward_flops, planner_profile
 from zoo import ALL_CASES, ZooCase, _logits_loss, train_step
 
 

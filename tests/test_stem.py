@@ -16,7 +16,7 @@ from revify.passes.planning.profile_blocks import profile_chains
 from revify.passes.rewrite.rewrite_checkpoint import rewrite_checkpoint
 from revify.passes.planning.solve_schedule import min_budget, path_peak
 from revify.checkpoint_io import CheckpointError
-from planner_helpers import backward_flops, planner_profile
+from planner_fixtures import backward_flops, planner_profile
 from zoo import ALL_CASES, EmbeddedTransformer, ZooCase, _logits_loss, train_step
 
 

@@ -2,7 +2,7 @@
 
 Tiny BERT and Llama built from their configs' default values (only sizes
 changed), token ids made here, padded batches of changing length (all from
-``training_stack_helpers``).
+``training_stack_fixtures``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import revify
 
 transformers = pytest.importorskip("transformers")
 
-from training_stack_helpers import (  # noqa: E402
+from training_stack_fixtures import (  # noqa: E402
     collate, count_forwards, example_batch, tiny_bert, tiny_llama, token_rows)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import revify
-from training_stack_helpers import collate, example_batch, tiny_llama, token_rows
+from training_stack_fixtures import collate, example_batch, tiny_llama, token_rows
 from zoo import cnn_resnet
 
 

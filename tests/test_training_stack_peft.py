@@ -13,7 +13,7 @@ import revify
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from training_stack_helpers import collate, example_batch, tiny_bert, token_rows  # noqa: E402
+from training_stack_fixtures import collate, example_batch, tiny_bert, token_rows  # noqa: E402
 
 
 def _lora():

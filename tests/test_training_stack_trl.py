@@ -16,7 +16,7 @@ import revify
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from training_stack_helpers import count_forwards, example_batch, tiny_llama, token_rows  # noqa: E402
+from training_stack_fixtures import count_forwards, example_batch, tiny_llama, token_rows  # noqa: E402
 
 
 def _tokenizer():

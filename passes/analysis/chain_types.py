@@ -88,6 +88,11 @@ class ChainAnalysis:
     chains: tuple[Chain, ...]
     rejections: tuple[Rejection, ...]
 
+    @property
+    def found(self) -> tuple[int, int]:
+        """(blocks, chains) found: what a plan's headline counts its conversions against."""
+        return sum(len(c.blocks) for c in self.chains), len(self.chains)
+
 
 def _tensor_ids(signature: tuple) -> list[int]:
     """The ids of the tensors in a ``side_signature`` (tuples of rotary cos/sin included)."""

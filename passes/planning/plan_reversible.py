@@ -194,16 +194,21 @@ def plan_reversible_runs(chain: Chain, options: ReversibleOptions, model: nn.Mod
     a refusal, by name, of the blocks left outside every run.
 
     MEFT steps are one block each and run with that block's own side inputs, so Gemma 3 (sliding layers
-    0-4, full layer 5, sliding layer 6) is one chain. A RevNet step runs two blocks with the first one's,
-    so there a chain whose pairs get different side inputs is planned per run of alike blocks.
+    0-4, full layer 5, sliding layer 6) is one chain. Two side-input causes refuse the whole chain and
+    are planned per run of blocks that share their side inputs instead: a RevNet step runs two blocks
+    with the first one's, and a side input an earlier block computed (T5's position bias, from block
+    0) would carry gradient between steps outside the hidden state. The blocks outside every run are
+    refused with that cause; any other refusal of the whole chain stands as it is.
 
     Before::  Chain(blocks=[layers.0 … layers.6], side_groups=(0, 0, 0, 0, 0, 1, 0))
     After::   [ReversiblePlan(layers.0 … layers.6)]                                  (meft1, meft2, meft3)
               [ReversiblePlan(layers.0 … layers.4),
-               Rejection("layers.5 … layers.6", "... (pattern AAAAABA) ...")]        (revnet)
+               Rejection("layers.5 … layers.6", "coupling='revnet' pairs ... these blocks run unchanged")]
     """
     whole = plan_reversible(chain, options, model)
-    if isinstance(whole, ReversiblePlan) or len(set(chain.side_groups)) <= 1:
+    side_cause = bool(chain.side_inputs_from_blocks) or (
+        options.coupling == "revnet" and len(set(chain.side_groups)) > 1)
+    if isinstance(whole, ReversiblePlan) or not side_cause or len(set(chain.side_groups)) <= 1:
         return [whole]
     parts = chain.parts_with_same_side_inputs()
     decided: list[ReversiblePlan | Rejection] = [plan_reversible(p, options, model) for p in parts]
@@ -221,8 +226,7 @@ def plan_reversible_runs(chain: Chain, options: ReversibleOptions, model: nn.Mod
     for idx in left:
         first, last = chain.blocks[idx[0]], chain.blocks[idx[-1]]
         where = first.path if len(idx) == 1 else f"{first.path} … {last.path}"
-        decided.append(Rejection(where, f"blocks receive different side inputs (pattern {pattern}, e.g. "
-                                        "alternating sliding/full attention masks): reversible steps run only "
-                                        "within a run of two or more blocks that share them; "
+        decided.append(Rejection(where, f"{whole.reason} (side inputs by block: pattern {pattern}); the runs of "
+                                        "two or more blocks that share theirs convert, and "
                                         f"{'this block runs' if len(idx) == 1 else 'these blocks run'} unchanged"))
     return decided

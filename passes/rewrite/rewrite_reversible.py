@@ -109,6 +109,7 @@ def build_chain(rmodel: nn.Module, plan: ReversiblePlan) -> ReversibleChain:
         if b.call.example_args is not None:
             recorded.setdefault(b.call.side_signature, b.call)
     steps = []
+    extras_by_kind: dict[tuple, FixedExtras] = {}  # meft3: what each kind of block hands back, and from where
     for idx in plan.steps:
         i = idx[0]
         block = blocks[i]
@@ -128,9 +129,11 @@ def build_chain(rmodel: nn.Module, plan: ReversiblePlan) -> ReversibleChain:
             steps.append(CouplingStep(AdapterCall(af), WithAdapter(calls[i], ag), (af,), (block, ag), idx,
                                       step_buffers, calls[i], (calls[i],)))
         elif name == "meft3":
-            call = recorded.get(infos[i].call.side_signature, infos[0].call)
-            if i == 0:
-                extras = FixedExtras(_meft3_extras(forwards[0], call))
+            kind = infos[i].call.side_signature
+            call = recorded.get(kind, infos[0].call)
+            if kind not in extras_by_kind:  # positions among this kind's own side inputs
+                extras_by_kind[kind] = FixedExtras(_meft3_extras(forwards[i], call))
+            extras = extras_by_kind[kind]
             halves = split_block(block, tuple(call.example_args), dict(call.example_kwargs or {}), slot)
             af, ag = _adapter(block, "revify_adapter_f", dim, plan), _adapter(block, "revify_adapter_g", dim, plan)
             steps.append(CouplingStep(WithAdapter(HalfCall(halves, "first"), af),

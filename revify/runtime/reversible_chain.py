@@ -322,12 +322,17 @@ class ReversibleChain:
             signature = side_signature(args, kwargs, self.hidden_slot)
             i = self.step_of_block[k]
             starts_step = self.steps[i].blocks[0] == k
-            if (is_fed(h, pending.output) and pending.output._version == pending.version
-                    and (starts_step or signature == pending.side)):
+            if is_fed(h, pending.output) and pending.output._version == pending.version:
                 if starts_step:
                     pending.run.sides[i] = _Side.of(*set_slot(args, kwargs, self.hidden_slot, None),
                                                     torch.is_grad_enabled())
-                return self._run_block(k, pending.run, h, signature)
+                    return self._run_block(k, pending.run, h, signature)
+                if signature == pending.side:
+                    return self._run_block(k, pending.run, h, signature)
+                raise RuntimeError(
+                    f"{self.name}: block {k} was called with other side inputs (mask, position embeddings) than "
+                    f"block {k - 1}, but both run as one coupling step at block {k - 1}'s call, with its side "
+                    "inputs (coupling='revnet'); use a MEFT coupling, whose steps are one block each")
         raise RuntimeError(
             f"{self.name}: block {k} of a reversible chain was called with something other than the "
             "previous block's output (the parent changed the hidden state between blocks, or called "
