@@ -500,7 +500,9 @@ class _Stored(torch.nn.Module):
             return self.model(*args, **kwargs)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The suite's flags with their defaults applied (``--quick``: CPU, at most 2 pairs; else CUDA where
+    there is one); ``bench/peak_timeline.py`` builds its suite with them too."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--only", nargs="+", choices=ROWS, help="rows to run (plain always runs: every ratio needs it)")
@@ -524,6 +526,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:  # tiny shapes; with --device cuda a smoke run of the CUDA paths (compile uses inductor there)
         args.device, args.pairs = args.device or "cpu", min(args.pairs, 2)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_suite: no CUDA device; use --quick (CPU) or --device cpu", file=sys.stderr)
         return 2

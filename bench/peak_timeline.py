@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from revify.device_step import run_model, with_precision, zero_grads
-from revify.storage_tracking import LiveStorageTracker
+from revify.device_step import precision, run_model, train_step, with_precision, zero_grads
+from revify.storage_tracking import AllocatorPeaks, LiveStorageTracker
 from revify.units import format_bytes
 
 
@@ -41,18 +42,12 @@ class Mark:
 def step_timeline(model: torch.nn.Module, inputs: Any, loss_fn: Callable[[Any], torch.Tensor],
                   modules: dict[str, torch.nn.Module], device: torch.device) -> list[Mark]:
     """One training step of ``model`` with marks around each of ``modules`` (name -> submodule)."""
-    cuda = device.type == "cuda"
     tracker = LiveStorageTracker()
+    allocator = AllocatorPeaks(device) if device.type == "cuda" else None
     marks: list[Mark] = []
-    base = [0]
 
     def mark(name: str) -> None:
-        alloc_live = alloc_peak = None
-        if cuda:
-            torch.cuda.synchronize(device)
-            alloc_live = torch.cuda.memory_allocated(device) - base[0]
-            alloc_peak = torch.cuda.max_memory_allocated(device) - base[0]
-            torch.cuda.reset_peak_memory_stats(device)
+        alloc_live, alloc_peak = (None, None) if allocator is None else allocator.read()
         marks.append(Mark(name, tracker.live_bytes, tracker.peak_bytes, alloc_live, alloc_peak))
         tracker.peak_bytes = tracker.live_bytes
 
@@ -77,10 +72,8 @@ def step_timeline(model: torch.nn.Module, inputs: Any, loss_fn: Callable[[Any], 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     zero_grads(model)
     gc.collect()
-    if cuda:
-        torch.cuda.synchronize(device)
-        base[0] = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    if allocator is not None:
+        allocator.start()
     try:
         with tracker:
             mark("start")
@@ -119,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     import gpu_suite as gs
     from gpu_suite import Row, Suite, _loss
-    from revify.device_step import precision
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=gs.MODELS, default="bert")
@@ -127,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                     choices=[r for r in gs.EAGER_ROWS if r not in ("plain", "hf")])
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU")
     args = ap.parse_args(argv)
-    suite_args = [f"--models={args.model}", "--pairs=1"] + (["--quick"] if args.quick else [])
-    suite = Suite(_suite_namespace(gs, suite_args))
+    suite = Suite(gs.parse_args(["--models", args.model, "--pairs", "1", "--out", tempfile.gettempdir()]
+                                + (["--quick"] if args.quick else [])))
     for row in ("plain", "hf"):  # the budget rows' budgets come from these rows' measured peaks
         suite.run_row(args.model, row)
     w = suite.workload(args.model)
@@ -140,23 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         target = stepped.model if hasattr(stepped, "model") else stepped
         target = target.model if row == "stored" else target
         modules = {n: m for n, m in target.named_modules() if _is_marked(n)}
-        from revify.device_step import train_step
         train_step(stepped, w.inputs, _loss)  # warm-up, as the suite measures
         marks = step_timeline(stepped, w.inputs, _loss, modules, suite.device)
         print(f"\n== {args.model} {row}: predicted {format_bytes(out.predicted) if out.predicted else 'n/a'}; "
               f"{out.note}")
         print("\n".join(format_timeline(marks)))
     return 0
-
-
-def _suite_namespace(gs: Any, argv: list[str]) -> argparse.Namespace:
-    """The suite's own defaults for these flags (its parser is inside its main)."""
-    ns = argparse.Namespace(models=[a.split("=")[1] for a in argv if a.startswith("--models")], only=None, skip=[],
-                            device=None, dtype="bf16", pairs=1, warmup=1, bert_batch=None, bert_seq=None,
-                            llama_seq=None, llama_batch=None, compile_saved=False, compile_backend=None,
-                            time_limit=0, out="/tmp", quick="--quick" in argv)
-    ns.device = "cpu" if ns.quick or not torch.cuda.is_available() else "cuda"
-    return ns
 
 
 def _is_marked(name: str) -> bool:

@@ -102,6 +102,32 @@ class SavedBytes:
         return out
 
 
+class AllocatorPeaks:
+    """The CUDA caching allocator's count (what ``max_memory_allocated`` reports), phase by phase.
+
+    ``start`` takes what is allocated now as the base; each ``read`` returns the bytes allocated and the
+    peak since the previous read (or ``start``), both above the base, and starts the next phase's peak.
+    Kernel scratch that is no op's output shows here and not in ``LiveStorageTracker``; the planner's
+    profiles and ``bench/peak_timeline.py`` read both.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0
+
+    def start(self) -> None:
+        torch.cuda.synchronize(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def read(self) -> tuple[int, int]:
+        torch.cuda.synchronize(self.device)
+        live = torch.cuda.memory_allocated(self.device) - self.base
+        peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return live, peak
+
+
 class LiveStorageTracker(TorchDispatchMode):
     """Track live bytes of tensor storages created while the mode is active.
 

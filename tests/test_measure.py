@@ -179,3 +179,29 @@ def test_peak_split_by_category_is_the_same_on_fake_tensors() -> None:
     assert (fake.saved_bytes, fake.peak_bytes, fake.retained_bytes, fake.peak_by_category, fake.param_bytes) == \
         (real.saved_bytes, real.peak_bytes, real.retained_bytes, real.peak_by_category, real.param_bytes)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_allocator_peaks_reads_each_phase_above_the_base(monkeypatch):
+    """``AllocatorPeaks`` (the planner's and peak_timeline's reading of the CUDA allocator), on a fake
+    allocator: each read gives what is allocated and the peak since the previous read, above ``start``."""
+    from revify.storage_tracking import AllocatorPeaks
+
+    state = {"now": 100, "peak": 100}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["now"]))
+
+    def alloc(n: int) -> None:
+        state["now"] += n
+        state["peak"] = max(state["peak"], state["now"])
+
+    meter = AllocatorPeaks(torch.device("cuda"))
+    meter.start()
+    alloc(50), alloc(-30)  # a phase that peaks at 50 above the base and leaves 20
+    assert meter.read() == (20, 50)
+    alloc(5)  # the next phase's peak starts where the previous read left off
+    assert meter.read() == (25, 25)
+    meter.start()  # a new base
+    alloc(10)
+    assert meter.read() == (10, 10)

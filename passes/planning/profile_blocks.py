@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from revify.measure import LiveStorageTracker
+from revify.storage_tracking import AllocatorPeaks, LiveStorageTracker
 from revify.runtime.autocast_state import autocast_cache_off
 from revify.runtime.checkpoint_call import _checkpoint
 from revify.runtime.checkpoint_policy import SaveListedOps
@@ -97,28 +97,24 @@ def _allocator_excess(run: BlockRun) -> tuple[int, int, int]:
     step's timeline in ``bench/peak_timeline.py``). The planner bounds ``max_memory_allocated`` there,
     so it adds each to the backward of the blocks that run that way.
     """
-    dev = run.device
+    allocator = AllocatorPeaks(run.device)
     forward_transient, excess = 0, {}
     for mode in ("keep", "recompute"):
         run.module.zero_grad(set_to_none=True)
         x = run.hidden()
         tracker = LiveStorageTracker()
-        sync(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+        allocator.start()
         with tracker:
             out = run(x) if mode == "keep" else _checkpoint(lambda h: run(h), "recompute", x)
-            sync(dev)
+            retained, peak = allocator.read()
             if mode == "keep":
-                forward_transient = torch.cuda.max_memory_allocated(dev) - torch.cuda.memory_allocated(dev)
+                forward_transient = peak - retained
             grad_out = torch.randn_like(out)
-            sync(dev)
-            start = torch.cuda.memory_allocated(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
+            allocator.start()  # the backward's peak above what is allocated when it starts
             tracker.peak_bytes = tracked = tracker.live_bytes
             if out.requires_grad:
                 out.backward(grad_out)
-            sync(dev)
-            allocated = torch.cuda.max_memory_allocated(dev) - start
+            allocated = allocator.read()[1]
             excess[mode] = max(0, allocated - (tracker.peak_bytes - tracked))
         del out, grad_out
     run.module.zero_grad(set_to_none=True)

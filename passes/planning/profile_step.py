@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from revify.storage_tracking import LiveStorageTracker
+from revify.storage_tracking import AllocatorPeaks, LiveStorageTracker
 from revify.training_step import default_loss_fn
 
 from revify.passes.analysis.chain_types import Chain
@@ -64,22 +64,15 @@ class _Recorder:
     def __init__(self, tracker: LiveStorageTracker, device: torch.device):
         self.tracker = tracker
         self.events: list[Event] = []
-        self.cuda = device if device.type == "cuda" else None
-        self.base = 0
+        self.allocator = AllocatorPeaks(device) if device.type == "cuda" else None
 
     def start(self) -> None:
-        if self.cuda is not None:
-            torch.cuda.synchronize(self.cuda)
-            self.base = torch.cuda.memory_allocated(self.cuda)
-            torch.cuda.reset_peak_memory_stats(self.cuda)
+        if self.allocator is not None:
+            self.allocator.start()
 
     def mark(self, kind: str, chain: int | None) -> None:
         t = self.tracker
-        peak = t.peak_bytes
-        if self.cuda is not None:
-            torch.cuda.synchronize(self.cuda)
-            peak = max(peak, torch.cuda.max_memory_allocated(self.cuda) - self.base)
-            torch.cuda.reset_peak_memory_stats(self.cuda)
+        peak = t.peak_bytes if self.allocator is None else max(t.peak_bytes, self.allocator.read()[1])
         self.events.append(Event(kind, chain, t.live_bytes, peak))
         t.peak_bytes = t.live_bytes  # the next phase's peak starts here
 

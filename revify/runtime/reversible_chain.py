@@ -291,7 +291,7 @@ class ReversibleChain:
         if not isinstance(x, torch.Tensor):
             raise RuntimeError(f"{self.name}: the first block was called without its hidden-state tensor; "
                                "a reversible chain must be called as it was at conversion")
-        side = _Side.of(*set_slot(args, kwargs, self.hidden_slot, None), torch.is_grad_enabled())
+        side = self._side(args, kwargs)
         cdt = x.dtype
         reversible = torch.is_grad_enabled() and not self.stored and (
             x.requires_grad or bool(side.grad) or any(p.requires_grad for p in self.parameters()))
@@ -324,8 +324,7 @@ class ReversibleChain:
             starts_step = self.steps[i].blocks[0] == k
             if is_fed(h, pending.output) and pending.output._version == pending.version:
                 if starts_step:
-                    pending.run.sides[i] = _Side.of(*set_slot(args, kwargs, self.hidden_slot, None),
-                                                    torch.is_grad_enabled())
+                    pending.run.sides[i] = self._side(args, kwargs)
                     return self._run_block(k, pending.run, h, signature)
                 if signature == pending.side:
                     return self._run_block(k, pending.run, h, signature)
@@ -338,6 +337,10 @@ class ReversibleChain:
             "previous block's output (the parent changed the hidden state between blocks, or called "
             "blocks out of order); reversible conversion needs blocks fed one into the next. "
             "Use strategy='checkpoint' for this model")
+
+    def _side(self, args: tuple, kwargs: dict) -> _Side:
+        """A block call's side inputs: everything but the hidden state, which the step's streams replace."""
+        return _Side.of(*set_slot(args, kwargs, self.hidden_slot, None), torch.is_grad_enabled())
 
     def _run_block(self, k: int, run: _Run, h: torch.Tensor, side: Any) -> torch.Tensor:
         i = self.step_of_block[k]
